@@ -1,0 +1,25 @@
+"""Errors raised by starlette-alchemy.
+
+StarletteAlchemyError
+├── NoActiveScopeError
+├── CommitFailedError
+└── SessionSealedError
+"""
+
+from __future__ import annotations
+
+
+class StarletteAlchemyError(Exception):
+    """Base class of every error this package raises."""
+
+
+class NoActiveScopeError(StarletteAlchemyError):
+    """A registry was used where no scope is open."""
+
+
+class CommitFailedError(StarletteAlchemyError):
+    """COMMIT failed after the handler finished; chained from the database error."""
+
+
+class SessionSealedError(StarletteAlchemyError):
+    """The response already started, so this scope's session may no longer write."""
