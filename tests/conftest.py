@@ -6,6 +6,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -51,6 +52,7 @@ POSTGRES_BACKENDS = [
     Backend("async-psycopg", "async", "postgresql", "psycopg"),
 ]
 BACKENDS = SQLITE_BACKENDS + (POSTGRES_BACKENDS if POSTGRES_URL else [])
+SYNC_BACKENDS = [backend for backend in BACKENDS if backend.kind == "sync"]
 
 
 @pytest.fixture
@@ -101,11 +103,13 @@ async def engine(backend: Backend, tmp_path: Path, inspection_engine: Engine) ->
     """The engine under test; afterwards its pool must have every connection checked in."""
     if backend.kind == "sync":
         sync_engine = create_engine(backend.url(tmp_path))
+        enforce_sqlite_foreign_keys(sync_engine)
         yield sync_engine
         assert checked_out(sync_engine) == 0
         sync_engine.dispose()
     else:
         async_engine = create_async_engine(backend.url(tmp_path))
+        enforce_sqlite_foreign_keys(async_engine.sync_engine)
         yield async_engine
         assert checked_out(async_engine) == 0
         await async_engine.dispose()
@@ -125,3 +129,14 @@ def pool_of(engine: Engine | AsyncEngine) -> Pool:
 
 def checked_out(engine: Engine | AsyncEngine) -> int:
     return pool_of(engine).checkedout()  # type: ignore[attr-defined, no-any-return]
+
+
+def enforce_sqlite_foreign_keys(engine: Engine) -> None:
+    """Make SQLite check foreign keys, so deferred ones fail at COMMIT as on PostgreSQL."""
+    if engine.dialect.name == "sqlite":
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.close()

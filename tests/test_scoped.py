@@ -346,7 +346,7 @@ async def test_every_proxy_reaches_the_scope_session(ours: type, base: type) -> 
         spy = SpySession()
         state, token = db.registry.open()
         try:
-            db.registry.set(spy)
+            state.session = spy
             attr = getattr(base, name)
             if isinstance(attr, property):
                 getattr(db, name)

@@ -6,21 +6,21 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar, Token
-from typing import Generic, TypeVar, overload
+from typing import Any, Generic, TypeVar, overload
 
 import anyio
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_scoped_session, async_sessionmaker
-from sqlalchemy.orm import Session, scoped_session, sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session, scoped_session, sessionmaker
 from sqlalchemy.util import ScopedRegistry
 
-from .exceptions import NoActiveScopeError
+from .exceptions import NoActiveScopeError, SessionSealedError
 
 __all__ = ["AsyncScopedSession", "ContextVarRegistry", "ScopeState", "ScopedSession"]
 
 logger = logging.getLogger("starlette_alchemy")
 
-_T = TypeVar("_T")
+_T = TypeVar("_T", bound=Session | AsyncSession)
 _S = TypeVar("_S", bound=Session)
 _AS = TypeVar("_AS", bound=AsyncSession)
 
@@ -28,6 +28,12 @@ _NO_SCOPE = (
     "No database scope is active, so there is no session to use. "
     "Add 'DBSessionMiddleware' to the app, or open a scope with '{opener} db.scope():'."
 )
+_SEALED = (
+    "The response has already started, so this request's session is sealed and may not write. "
+    "Write in a scope of its own: 'with db.scope():' ('async with' for AsyncScopedSession)."
+)
+# Where a session created by a registry keeps the ScopeState that owns it.
+_STATE_KEY = "starlette_alchemy.scope"
 
 
 class ScopeState(Generic[_T]):
@@ -62,8 +68,8 @@ class ContextVarRegistry(ScopedRegistry[_T]):
         """Return the current scope's object, creating it on first use."""
         state = self.current()
         if state.session is None:
-            state.session = self.createfunc()
-        return state.session
+            self.set(self.createfunc())
+        return state.session  # type: ignore[return-value]
 
     def has(self) -> bool:
         """Return True if an object is present in the current scope."""
@@ -72,7 +78,9 @@ class ContextVarRegistry(ScopedRegistry[_T]):
 
     def set(self, obj: _T) -> None:
         """Set the object for the current scope."""
-        self.current().session = obj
+        state = self.current()
+        obj.info[_STATE_KEY] = state
+        state.session = obj
 
     def clear(self) -> None:
         """Clear the current scope's object, if any."""
@@ -138,11 +146,9 @@ class ScopedSession(_ScopeControls[_S], scoped_session[_S]):
     def __init__(self, bind: sessionmaker[_S], /) -> None: ...
 
     def __init__(self, bind: Engine | sessionmaker[_S], /) -> None:
-        if isinstance(bind, Engine):
-            bind = sessionmaker(bind, expire_on_commit=False)  # type: ignore[assignment]
-        assert isinstance(bind, sessionmaker)
-        self.session_factory = bind
-        self.registry = ContextVarRegistry(bind, no_scope_message=_NO_SCOPE.format(opener="with"))
+        factory = _sync_factory(bind)
+        self.session_factory = factory
+        self.registry = ContextVarRegistry(factory, no_scope_message=_NO_SCOPE.format(opener="with"))
 
     @contextmanager
     def scope(self, *, commit: bool = True) -> Iterator[ScopedSession[_S]]:
@@ -183,11 +189,9 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
     def __init__(self, bind: async_sessionmaker[_AS], /) -> None: ...
 
     def __init__(self, bind: AsyncEngine | async_sessionmaker[_AS], /) -> None:
-        if isinstance(bind, AsyncEngine):
-            bind = async_sessionmaker(bind, expire_on_commit=False)  # type: ignore[assignment]
-        assert isinstance(bind, async_sessionmaker)
-        self.session_factory = bind
-        self.registry = ContextVarRegistry(bind, no_scope_message=_NO_SCOPE.format(opener="async with"))
+        factory = _async_factory(bind)
+        self.session_factory = factory
+        self.registry = ContextVarRegistry(factory, no_scope_message=_NO_SCOPE.format(opener="async with"))
 
     @asynccontextmanager
     async def scope(self, *, commit: bool = True) -> AsyncIterator[AsyncScopedSession[_AS]]:
@@ -211,6 +215,54 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
                 await _aclose(state.session)
         finally:
             self.registry.reset(token)
+
+
+class _ScopeSession(Session):
+    """The synchronous Session class behind every session a registry creates.
+
+    The package's event listeners live on this class, so sessions created
+    anywhere else in the process never reach them.
+    """
+
+
+_scope_classes: dict[type[Session], type[Session]] = {}
+
+
+def _scope_class(session_class: type[Session]) -> type[Session]:
+    """Return a subclass of *session_class* that also derives from ``_ScopeSession`` (cached)."""
+    if issubclass(session_class, _ScopeSession):
+        return session_class
+    if session_class not in _scope_classes:
+        _scope_classes[session_class] = type(session_class.__name__, (_ScopeSession, session_class), {})
+    return _scope_classes[session_class]
+
+
+def _sync_factory(bind: Engine | sessionmaker[Any]) -> sessionmaker[Any]:
+    """A factory of ``_ScopeSession`` sessions: built for an engine, or a copy of the given one."""
+    if isinstance(bind, Engine):
+        return sessionmaker(bind, class_=_ScopeSession, expire_on_commit=False)
+    return sessionmaker(class_=_scope_class(bind.class_), **bind.kw)
+
+
+def _async_factory(bind: AsyncEngine | async_sessionmaker[Any]) -> async_sessionmaker[Any]:
+    """An async factory whose sync sessions are ``_ScopeSession``: built for an engine, or a copy."""
+    if isinstance(bind, AsyncEngine):
+        return async_sessionmaker(bind, expire_on_commit=False, sync_session_class=_ScopeSession)
+    sync_class = bind.kw.get("sync_session_class", bind.class_.sync_session_class)
+    return async_sessionmaker(class_=bind.class_, **{**bind.kw, "sync_session_class": _scope_class(sync_class)})
+
+
+@event.listens_for(_ScopeSession, "before_flush")
+def _refuse_flush_when_sealed(session: Session, flush_context: Any, instances: Any) -> None:
+    state = session.info.get(_STATE_KEY)
+    if state is not None and state.sealed:
+        raise SessionSealedError(_SEALED)
+
+
+@event.listens_for(_ScopeSession, "do_orm_execute")
+def _refuse_dml_when_sealed(execute_state: ORMExecuteState) -> None:
+    if execute_state.statement.is_dml:
+        _refuse_flush_when_sealed(execute_state.session, None, None)
 
 
 def _close(session: Session | None) -> None:

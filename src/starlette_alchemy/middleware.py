@@ -1,0 +1,185 @@
+"""``DBSessionMiddleware``: one session scope per request, committed before the status line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from contextvars import Token
+from typing import Any, Literal
+from weakref import WeakKeyDictionary
+
+import anyio
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .exceptions import CommitFailedError
+from .scoped import AsyncScopedSession, ScopedSession, ScopeState
+
+__all__ = ["DBSessionMiddleware"]
+
+logger = logging.getLogger("starlette_alchemy")
+
+AnyScopedSession = ScopedSession[Any] | AsyncScopedSession[Any]
+_Opened = list[tuple[AnyScopedSession, ScopeState[Any], Token[Any]]]
+
+
+def commit_2xx_3xx(status: int) -> bool:
+    """The default ``commit_on``: commit for 2xx and 3xx (Post/Redirect/Get), roll back otherwise."""
+    return 200 <= status < 400
+
+
+class DBSessionMiddleware:
+    """Open a session scope for each request, commit it before the response starts, always close it.
+
+    The commit happens when the app sends ``http.response.start`` and before that
+    message is forwarded, so a failed COMMIT turns into a 500, never a 2xx. Add it
+    with ``Middleware(DBSessionMiddleware, db=db)``, so Starlette's error
+    middleware stays outside it and answers that 500.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        db: AnyScopedSession | Sequence[AnyScopedSession],
+        commit_on: Callable[[int], bool] | None = None,
+        websocket: Literal["manual", "off"] = "manual",
+    ) -> None:
+        assert websocket in ("manual", "off"), "'websocket' must be 'manual' or 'off'."
+        self.app = app
+        self.registries: tuple[AnyScopedSession, ...] = tuple(db) if isinstance(db, Sequence) else (db,)
+        self.commit_on = commit_on or commit_2xx_3xx
+        self.websocket = websocket
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket" and self.websocket == "manual":
+            await self._websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        opened = _open(self.registries)
+
+        async def send_after_settling(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                # Don't forward the status line until the transaction's outcome is known.
+                await _settle(opened, commit=self.commit_on(message["status"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_after_settling)
+        finally:
+            await _close(opened)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        opened = _open(self.registries)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            for _, state, _ in opened:
+                if state.session is not None and state.session.in_transaction():
+                    logger.warning(
+                        "A WebSocket connection closed with a transaction still open on %s; it was rolled back. "
+                        "Commit explicitly, or use 'db.scope()' for each message.",
+                        _describe(state.session),
+                    )
+            await _close(opened)
+
+
+def _open(registries: tuple[AnyScopedSession, ...]) -> _Opened:
+    """Open a fresh scope on every registry, in the current context."""
+    opened: _Opened = []
+    for registry in registries:
+        state, token = registry.registry.open()
+        opened.append((registry, state, token))
+    return opened
+
+
+async def _settle(opened: _Opened, *, commit: bool) -> None:
+    """Commit (or roll back) every scope's transaction, then seal the sessions against writes."""
+    committed: list[str] = []
+    try:
+        for _, state, _ in opened:
+            session = state.session
+            if session is None or not session.in_transaction():
+                continue
+            if commit and not state.doomed:
+                # A request cancelled while it ran must not commit on its way out.
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                await _commit(session, committed)
+                committed.append(_describe(session))
+            else:
+                await _quietly(session, "rollback", "ROLLBACK")
+    finally:
+        for _, state, _ in opened:
+            state.sealed = True
+
+
+async def _commit(session: Session | AsyncSession, committed: list[str]) -> None:
+    """COMMIT, or raise ``CommitFailedError`` naming the databases that already committed."""
+    try:
+        await _run(session, "commit")
+    except Exception as exc:
+        where = _describe(session)
+        already = f" after {', '.join(committed)} had already committed" if committed else ""
+        message = f"COMMIT failed on {where}{already}; the response was replaced by a 500."
+        logger.error(message, exc_info=True)
+        # After a failed COMMIT the connection's transaction state is unknown (pysqlite, for
+        # one, can keep the failed transaction open), so it must never go back to the pool.
+        with anyio.CancelScope(shield=True):
+            await _quietly(session, "invalidate", "Discarding the connection after the failed COMMIT")
+        raise CommitFailedError(message) from exc
+
+
+async def _quietly(session: Session | AsyncSession, method: str, doing: str) -> None:
+    """Run *method*, logging instead of raising: it must not mask the outcome being reported."""
+    try:
+        await _run(session, method)
+    except Exception:
+        logger.exception("%s on %s failed.", doing, _describe(session))
+
+
+async def _close(opened: _Opened) -> None:
+    """Close every session and restore the previous scopes, shielded from cancellation."""
+    try:
+        sessions = [state.session for _, state, _ in opened if state.session is not None]
+        if sessions:
+            # A cancelled request must still release its connections.
+            with anyio.CancelScope(shield=True):
+                for session in sessions:
+                    await _quietly(session, "close", "Closing the session")
+    finally:
+        for registry, _, token in reversed(opened):
+            registry.registry.reset(token)
+
+
+async def _run(session: Session | AsyncSession, method: str) -> None:
+    """Call ``commit``, ``rollback`` or ``close``; a sync session's call goes to a worker thread."""
+    if isinstance(session, AsyncSession):
+        await getattr(session, method)()
+    else:
+        await anyio.to_thread.run_sync(getattr(session, method), limiter=_session_limiter())
+
+
+# A limiter of our own, so sessions can always finish even when sync endpoints
+# hold every default threadpool token waiting for a pooled connection.
+_limiters: WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = WeakKeyDictionary()
+
+
+def _session_limiter() -> anyio.CapacityLimiter:
+    loop = asyncio.get_running_loop()
+    limiter = _limiters.get(loop)
+    if limiter is None:
+        limiter = _limiters[loop] = anyio.CapacityLimiter(40)
+    return limiter
+
+
+def _describe(session: Session | AsyncSession) -> str:
+    """Name a session's database for log messages, without its password."""
+    bind = session.bind
+    url = getattr(bind, "url", None)
+    return f"'{url.render_as_string(hide_password=True)}'" if url is not None else "the session's database"
