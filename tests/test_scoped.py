@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from starlette_alchemy import AsyncScopedSession, NoActiveScopeError, ScopedSession
 from tests.conftest import checked_out
-from tests.models import Item
+from tests.models import Item, Note
 from tests.support import AnyDB, committed_names, resolve, scope
 
 pytestmark = pytest.mark.anyio
@@ -192,6 +192,20 @@ async def test_failed_commit_raises_from_the_scope_and_releases_the_connection(
             db.add(Item(name="dup"))
     assert checked_out(engine) == 0
     assert committed_names(inspection_engine) == {"dup"}
+
+
+async def test_failed_commit_never_returns_its_connection_to_the_pool(
+    db: AnyDB, engine: Engine | AsyncEngine, inspection_engine: Engine
+) -> None:
+    for attempt in range(2):
+        with pytest.raises(IntegrityError):
+            async with scope(db):
+                db.add(Note(item_id=31337))  # a deferred foreign key: the flush passes, COMMIT fails
+        async with scope(db):
+            # A pooled connection still inside the failed transaction would fail this COMMIT.
+            db.add(Item(name=f"after {attempt}"))
+        assert checked_out(engine) == 0
+    assert committed_names(inspection_engine) == {"after 0", "after 1"}
 
 
 async def test_close_error_after_an_error_is_logged_not_raised(

@@ -158,7 +158,7 @@ async def _close(opened: _Opened) -> None:
 
 
 async def _run(session: Session | AsyncSession, method: str) -> None:
-    """Call ``commit``, ``rollback`` or ``close``; a sync session's call goes to a worker thread."""
+    """Call a session method that takes no argument; a sync session's call goes to a worker thread."""
     if isinstance(session, AsyncSession):
         await getattr(session, method)()
     else:

@@ -162,7 +162,12 @@ class ScopedSession(_ScopeControls[_S], scoped_session[_S]):
             yield self
             session = state.session
             if commit and session is not None and not state.doomed and session.in_transaction():
-                session.commit()
+                try:
+                    session.commit()
+                except Exception:
+                    with _log_errors("discarding the connection after a failed COMMIT"):
+                        session.invalidate()  # its transaction state is unknown: never pool it
+                    raise
         except BaseException:
             with _log_errors("closing the session after an error"):
                 _close(state.session)
@@ -205,7 +210,12 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
             yield self
             session = state.session
             if commit and session is not None and not state.doomed and session.in_transaction():
-                await session.commit()
+                try:
+                    await session.commit()
+                except Exception:
+                    with anyio.CancelScope(shield=True), _log_errors("discarding the connection after a failed COMMIT"):
+                        await session.invalidate()  # its transaction state is unknown: never pool it
+                    raise
         except BaseException:
             with anyio.CancelScope(shield=True), _log_errors("closing the session after an error"):
                 await _aclose(state.session)
