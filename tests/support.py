@@ -14,6 +14,8 @@ import httpx
 import sqlalchemy as sa
 import uvicorn
 from sqlalchemy import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp
 
 from starlette_alchemy import AsyncScopedSession, ScopedSession
@@ -29,6 +31,24 @@ async def resolve(value: T | Awaitable[T]) -> T:
     if isawaitable(value):
         return await value
     return value
+
+
+def build(engine: Engine | AsyncEngine, session_class: type[Session], **kw: Any) -> AnyDB:
+    """A registry of the engine's kind whose (sync) sessions are of *session_class*."""
+    if isinstance(engine, AsyncEngine):
+        return AsyncScopedSession(async_sessionmaker(engine, sync_session_class=session_class, **kw))
+    return ScopedSession(sessionmaker(engine, class_=session_class, **kw))
+
+
+def counting_session_class(created: list[Session]) -> type[Session]:
+    """A Session class that appends every instance it creates to *created*."""
+
+    class Counting(Session):
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            created.append(self)
+
+    return Counting
 
 
 async def run(method: Callable[..., Any], *args: Any) -> Any:

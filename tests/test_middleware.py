@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -34,7 +34,7 @@ from starlette_alchemy import (
 )
 from tests.conftest import SYNC_BACKENDS, checked_out
 from tests.models import Item, Note
-from tests.support import AnyDB, committed_names, http_client, resolve, run, scope
+from tests.support import AnyDB, build, committed_names, counting_session_class, http_client, resolve, run, scope
 
 pytestmark = pytest.mark.anyio
 
@@ -244,14 +244,8 @@ async def test_background_task_writes_only_in_its_own_scope(
 
 
 async def test_request_that_never_uses_db_creates_no_session(engine: Engine | AsyncEngine, transport: str) -> None:
-    created: list[object] = []
-
-    class Counting(Session):
-        def __init__(self, **kw: Any) -> None:
-            super().__init__(**kw)
-            created.append(self)
-
-    db = _registry(engine, Counting)
+    created: list[Session] = []
+    db = build(engine, counting_session_class(created))
     async with http_client(make_app(db, []), transport) as client:
         assert (await client.get("/untouched")).text == "no database"
     assert created == []
@@ -334,7 +328,8 @@ async def test_exception_before_start_rolls_back_closes_and_reraises(
     assert checked_out(engine) == 0
 
 
-async def test_lifespan_passes_straight_through(db: AnyDB) -> None:
+@pytest.mark.parametrize(("kind", "options"), [("lifespan", {}), ("websocket", {"websocket": "off"})])
+async def test_passes_straight_through_without_a_scope(db: AnyDB, kind: str, options: dict[str, Any]) -> None:
     seen: list[str] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -343,8 +338,8 @@ async def test_lifespan_passes_straight_through(db: AnyDB) -> None:
         except NoActiveScopeError:
             seen.append(scope["type"])
 
-    await DBSessionMiddleware(app, db=db)({"type": "lifespan"}, _never, _discard)
-    assert seen == ["lifespan"]
+    await DBSessionMiddleware(app, db=db, **options)({"type": kind}, _never, _discard)
+    assert seen == [kind]
 
 
 @pytest.mark.parametrize("backend", SYNC_BACKENDS, indirect=True, ids=lambda b: b.id)
@@ -481,19 +476,6 @@ async def test_websocket_commits_explicitly_and_rolls_back_leftovers(
     assert "closed with a transaction still open" in caplog.text
 
 
-async def test_websocket_off_passes_through(db: AnyDB) -> None:
-    seen: list[str] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        try:
-            db()
-        except NoActiveScopeError:
-            seen.append("no scope")
-
-    await DBSessionMiddleware(app, db=db, websocket="off")({"type": "websocket"}, _never, _discard)
-    assert seen == ["no scope"]
-
-
 # -- several databases -------------------------------------------------------------------
 
 
@@ -564,12 +546,6 @@ def slow_query(engine: Engine | AsyncEngine) -> Any:
     return sa.text(
         "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) SELECT count(*) FROM c"
     )
-
-
-def _registry(engine: Engine | AsyncEngine, session_class: type[Session]) -> AnyDB:
-    if isinstance(engine, AsyncEngine):
-        return AsyncScopedSession(async_sessionmaker(engine, sync_session_class=session_class))
-    return ScopedSession(sessionmaker(engine, class_=session_class))
 
 
 async def _never() -> Message:

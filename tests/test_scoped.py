@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from starlette_alchemy import AsyncScopedSession, NoActiveScopeError, ScopedSession
 from tests.conftest import checked_out
 from tests.models import Item, Note
-from tests.support import AnyDB, committed_names, resolve, scope
+from tests.support import AnyDB, build, committed_names, counting_session_class, resolve, scope
 
 pytestmark = pytest.mark.anyio
 
@@ -36,13 +36,6 @@ class FailingCloseSession(Session):
     def close(self) -> None:
         super().close()
         raise RuntimeError("close failed")
-
-
-def build(engine: Engine | AsyncEngine, session_class: type[Session], **kw: Any) -> AnyDB:
-    """A registry of the engine's kind whose (sync) sessions are of *session_class*."""
-    if isinstance(engine, AsyncEngine):
-        return AsyncScopedSession(async_sessionmaker(engine, sync_session_class=session_class, **kw))
-    return ScopedSession(sessionmaker(engine, class_=session_class, **kw))
 
 
 def sync_session(session: Session | AsyncSession) -> Session:
@@ -89,13 +82,7 @@ async def test_session_is_created_lazily_once_per_scope(db: AnyDB, engine: Engin
 
 async def test_scope_that_never_uses_db_creates_no_session(engine: Engine | AsyncEngine) -> None:
     created: list[Session] = []
-
-    class Counting(Session):
-        def __init__(self, **kw: Any) -> None:
-            super().__init__(**kw)
-            created.append(self)
-
-    db = build(engine, Counting)
+    db = build(engine, counting_session_class(created))
     async with scope(db):
         pass
     assert created == []
