@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .exceptions import CommitFailedError
-from .scoped import AsyncScopedSession, ScopedSession, ScopeState
+from .scoped import AsyncScopedSession, ScopedSession, ScopeState, _acommit_or_discard, _commit_or_discard
 
 __all__ = ["DBSessionMiddleware"]
 
@@ -122,16 +122,15 @@ async def _settle(opened: _Opened, *, commit: bool) -> None:
 async def _commit(session: Session | AsyncSession, committed: list[str]) -> None:
     """COMMIT, or raise ``CommitFailedError`` naming the databases that already committed."""
     try:
-        await _run(session, "commit")
+        if isinstance(session, AsyncSession):
+            await _acommit_or_discard(session)
+        else:
+            await _in_thread(_commit_or_discard, session)
     except Exception as exc:
         where = _describe(session)
         already = f" after {', '.join(committed)} had already committed" if committed else ""
         message = f"COMMIT failed on {where}{already}; the response was replaced by a 500."
         logger.error(message, exc_info=True)
-        # After a failed COMMIT the connection's transaction state is unknown (pysqlite, for
-        # one, can keep the failed transaction open), so it must never go back to the pool.
-        with anyio.CancelScope(shield=True):
-            await _quietly(session, "invalidate", "Discarding the connection after the failed COMMIT")
         raise CommitFailedError(message) from exc
 
 
@@ -162,7 +161,12 @@ async def _run(session: Session | AsyncSession, method: str) -> None:
     if isinstance(session, AsyncSession):
         await getattr(session, method)()
     else:
-        await anyio.to_thread.run_sync(getattr(session, method), limiter=_session_limiter())
+        await _in_thread(getattr(session, method))
+
+
+async def _in_thread(function: Callable[..., None], *args: Any) -> None:
+    """Run blocking session work in a worker thread, under the package's own limiter."""
+    await anyio.to_thread.run_sync(function, *args, limiter=_session_limiter())
 
 
 # A limiter of our own, so sessions can always finish even when sync endpoints

@@ -162,12 +162,7 @@ class ScopedSession(_ScopeControls[_S], scoped_session[_S]):
             yield self
             session = state.session
             if commit and session is not None and not state.doomed and session.in_transaction():
-                try:
-                    session.commit()
-                except Exception:
-                    with _log_errors("discarding the connection after a failed COMMIT"):
-                        session.invalidate()  # its transaction state is unknown: never pool it
-                    raise
+                _commit_or_discard(session)
         except BaseException:
             with _log_errors("closing the session after an error"):
                 _close(state.session)
@@ -210,12 +205,7 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
             yield self
             session = state.session
             if commit and session is not None and not state.doomed and session.in_transaction():
-                try:
-                    await session.commit()
-                except Exception:
-                    with anyio.CancelScope(shield=True), _log_errors("discarding the connection after a failed COMMIT"):
-                        await session.invalidate()  # its transaction state is unknown: never pool it
-                    raise
+                await _acommit_or_discard(session)
         except BaseException:
             with anyio.CancelScope(shield=True), _log_errors("closing the session after an error"):
                 await _aclose(state.session)
@@ -273,6 +263,30 @@ def _refuse_flush_when_sealed(session: Session, flush_context: Any, instances: A
 def _refuse_dml_when_sealed(execute_state: ORMExecuteState) -> None:
     if execute_state.statement.is_dml:
         _refuse_flush_when_sealed(execute_state.session, None, None)
+
+
+def _commit_or_discard(session: Session) -> None:
+    """COMMIT; if it fails, invalidate the connection before re-raising.
+
+    After a failed COMMIT the connection's transaction state is unknown (pysqlite,
+    for one, keeps the failed transaction open), so it must never go back to the pool.
+    """
+    try:
+        session.commit()
+    except Exception:
+        with _log_errors("discarding the connection after a failed COMMIT"):
+            session.invalidate()
+        raise
+
+
+async def _acommit_or_discard(session: AsyncSession) -> None:
+    """COMMIT; if it fails, invalidate the connection (shielded) before re-raising."""
+    try:
+        await session.commit()
+    except Exception:
+        with anyio.CancelScope(shield=True), _log_errors("discarding the connection after a failed COMMIT"):
+            await session.invalidate()
+        raise
 
 
 def _close(session: Session | None) -> None:
