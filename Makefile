@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo clean
+.PHONY: test lint demo bench-lifecycle clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +19,16 @@ test: $(STAMP)
 	$(BIN)/python -m coverage report
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check src tests examples
-	$(BIN)/python -m ruff format --check src tests examples
+	$(BIN)/python -m ruff check src tests examples bench
+	$(BIN)/python -m ruff format --check src tests examples bench
 	$(BIN)/python -m mypy
 
 demo: $(STAMP)
 	$(BIN)/python examples/tour.py
+
+# What change tracking costs (issue 4); BENCH_ARGS=--quick for a smoke run.
+bench-lifecycle: $(STAMP)
+	$(BIN)/python -m bench.lifecycle $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .coverage .mypy_cache .pytest_cache .ruff_cache

@@ -53,6 +53,7 @@ POSTGRES_BACKENDS = [
 ]
 BACKENDS = SQLITE_BACKENDS + (POSTGRES_BACKENDS if POSTGRES_URL else [])
 SYNC_BACKENDS = [backend for backend in BACKENDS if backend.kind == "sync"]
+ASYNC_BACKENDS = [backend for backend in BACKENDS if backend.kind == "async"]
 
 
 @pytest.fixture
@@ -99,17 +100,23 @@ def inspection_engine(backend: Backend, tmp_path: Path, request: pytest.FixtureR
 
 
 @pytest.fixture
-async def engine(backend: Backend, tmp_path: Path, inspection_engine: Engine) -> AsyncIterator[Engine | AsyncEngine]:
-    """The engine under test; afterwards its pool must have every connection checked in."""
+async def engine(
+    backend: Backend, tmp_path: Path, inspection_engine: Engine, request: pytest.FixtureRequest
+) -> AsyncIterator[Engine | AsyncEngine]:
+    """The engine under test; afterwards its pool must have every connection checked in.
+
+    Tests marked ``sqlite_savepoints`` get SQLite with working SAVEPOINTs.
+    """
+    savepoints = request.node.get_closest_marker("sqlite_savepoints") is not None
     if backend.kind == "sync":
         sync_engine = create_engine(backend.url(tmp_path))
-        enforce_sqlite_foreign_keys(sync_engine)
+        configure_sqlite(sync_engine, savepoints=savepoints)
         yield sync_engine
         assert checked_out(sync_engine) == 0
         sync_engine.dispose()
     else:
         async_engine = create_async_engine(backend.url(tmp_path))
-        enforce_sqlite_foreign_keys(async_engine.sync_engine)
+        configure_sqlite(async_engine.sync_engine, savepoints=savepoints)
         yield async_engine
         assert checked_out(async_engine) == 0
         await async_engine.dispose()
@@ -131,12 +138,26 @@ def checked_out(engine: Engine | AsyncEngine) -> int:
     return pool_of(engine).checkedout()  # type: ignore[attr-defined, no-any-return]
 
 
-def enforce_sqlite_foreign_keys(engine: Engine) -> None:
-    """Make SQLite check foreign keys, so deferred ones fail at COMMIT as on PostgreSQL."""
-    if engine.dialect.name == "sqlite":
+def configure_sqlite(engine: Engine, *, savepoints: bool = False) -> None:
+    """Make SQLite check foreign keys, so deferred ones fail at COMMIT as on PostgreSQL.
 
-        @sa.event.listens_for(engine, "connect")
-        def _on_connect(dbapi_connection: Any, record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA foreign_keys = ON")
-            cursor.close()
+    With *savepoints*, also replace the driver's own transaction handling by an
+    explicit BEGIN (SQLAlchemy's documented recipe), without which SAVEPOINTs do
+    not work; reads then hold SQLite's shared lock until their transaction ends.
+    """
+    if engine.dialect.name != "sqlite":
+        return
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
+        if savepoints:
+            dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    if savepoints:
+
+        @sa.event.listens_for(engine, "begin")
+        def _on_begin(connection: sa.Connection) -> None:
+            connection.exec_driver_sql("BEGIN")

@@ -576,13 +576,13 @@ async def _websocket_roundtrip(app: Any, text: str) -> None:
 
 
 def _two_sqlite(tmp_path: Any) -> tuple[ScopedSession[Session], ScopedSession[Session]]:
-    from tests.conftest import enforce_sqlite_foreign_keys
+    from tests.conftest import configure_sqlite
     from tests.models import Base
 
     registries = []
     for name in ("first", "second"):
         engine = sa.create_engine(f"sqlite:///{tmp_path / name}.db")
-        enforce_sqlite_foreign_keys(engine)
+        configure_sqlite(engine)
         Base.metadata.create_all(engine)
         registries.append(ScopedSession(engine))
     return registries[0], registries[1]

@@ -1,11 +1,21 @@
 """Request-scoped SQLAlchemy sessions for Starlette and FastAPI."""
 
-from .exceptions import CommitFailedError, NoActiveScopeError, SessionSealedError, StarletteAlchemyError
+from .exceptions import (
+    CommitFailedError,
+    NoActiveScopeError,
+    SessionSealedError,
+    StarletteAlchemyError,
+    TrackingDisabledError,
+)
+from .lifecycle import UNKNOWN, Change, Changes, Collector
 from .middleware import DBSessionMiddleware
 from .scoped import AsyncScopedSession, ContextVarRegistry, ScopedSession
 
 __all__ = [
     "AsyncScopedSession",
+    "Change",
+    "Changes",
+    "Collector",
     "CommitFailedError",
     "ContextVarRegistry",
     "DBSessionMiddleware",
@@ -13,4 +23,6 @@ __all__ = [
     "ScopedSession",
     "SessionSealedError",
     "StarletteAlchemyError",
+    "TrackingDisabledError",
+    "UNKNOWN",
 ]

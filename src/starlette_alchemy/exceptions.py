@@ -3,7 +3,8 @@
 StarletteAlchemyError
 ├── NoActiveScopeError
 ├── CommitFailedError
-└── SessionSealedError
+├── SessionSealedError
+└── TrackingDisabledError
 """
 
 from __future__ import annotations
@@ -23,3 +24,7 @@ class CommitFailedError(StarletteAlchemyError):
 
 class SessionSealedError(StarletteAlchemyError):
     """The response already started, so this scope's session may no longer write."""
+
+
+class TrackingDisabledError(StarletteAlchemyError):
+    """A collector, hook or ``on_commit`` was used on a registry created with ``track_changes=False``."""

@@ -100,23 +100,38 @@ def _open(registries: tuple[AnyScopedSession, ...]) -> _Opened:
 
 
 async def _settle(opened: _Opened, *, commit: bool) -> None:
-    """Commit (or roll back) every scope's transaction, then seal the sessions against writes."""
+    """Commit (or roll back) every scope's transaction, seal the sessions, run after-commit hooks."""
     committed: list[str] = []
     try:
         for _, state, _ in opened:
             session = state.session
-            if session is None or not session.in_transaction():
-                continue
-            if commit and not state.doomed:
-                # A request cancelled while it ran must not commit on its way out.
-                await anyio.lowlevel.checkpoint_if_cancelled()
-                await _commit(session, committed)
-                committed.append(_describe(session))
-            else:
-                await _quietly(session, "rollback", "ROLLBACK")
+            commits = commit and not state.doomed
+            if session is not None and session.in_transaction():
+                if commits:
+                    # A request cancelled while it ran must not commit on its way out.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                    await _commit(session, committed)
+                    committed.append(_describe(session))
+                else:
+                    await _quietly(session, "rollback", "ROLLBACK")
+            if state.collector is not None:
+                state.collector._settle(committed=commits)
     finally:
         for _, state, _ in opened:
             state.sealed = True
+        # Hooks run once the sessions are sealed, and for every database that committed.
+        await _run_after_commit(opened)
+
+
+async def _run_after_commit(opened: _Opened) -> None:
+    """Run the after-commit hooks and ``on_commit`` callbacks of the transactions that committed."""
+    for registry, state, _ in opened:
+        collector = state.collector
+        if collector is not None and collector._has_ready:
+            if isinstance(registry, AsyncScopedSession):
+                await collector._arun_ready()
+            else:
+                await anyio.to_thread.run_sync(collector._run_ready)
 
 
 async def _commit(session: Session | AsyncSession, committed: list[str]) -> None:
@@ -151,6 +166,8 @@ async def _close(opened: _Opened) -> None:
             with anyio.CancelScope(shield=True):
                 for session in sessions:
                     await _quietly(session, "close", "Closing the session")
+            # For commits made after the response started (a WebSocket handler's, say).
+            await _run_after_commit(opened)
     finally:
         for registry, _, token in reversed(opened):
             registry.registry.reset(token)

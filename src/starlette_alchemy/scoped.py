@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -14,13 +15,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_scoped_sessi
 from sqlalchemy.orm import ORMExecuteState, Session, scoped_session, sessionmaker
 from sqlalchemy.util import ScopedRegistry
 
-from .exceptions import NoActiveScopeError, SessionSealedError
+from .exceptions import NoActiveScopeError, SessionSealedError, TrackingDisabledError
+from .lifecycle import AfterCommitHook, BeforeCommitHook, Callback, Collector, Hooks, _TrackedSession
 
 __all__ = ["AsyncScopedSession", "ContextVarRegistry", "ScopeState", "ScopedSession"]
 
 logger = logging.getLogger("starlette_alchemy")
 
 _T = TypeVar("_T", bound=Session | AsyncSession)
+_F = TypeVar("_F", bound=Callable[..., Any])
 _S = TypeVar("_S", bound=Session)
 _AS = TypeVar("_AS", bound=AsyncSession)
 
@@ -32,6 +35,14 @@ _SEALED = (
     "The response has already started, so this request's session is sealed and may not write. "
     "Write in a scope of its own: 'with db.scope():' ('async with' for AsyncScopedSession)."
 )
+_UNTRACKED = (
+    "Change tracking is off for this registry, so it has no collector, hooks or 'on_commit'. "
+    "Create it with 'track_changes=True' (the default)."
+)
+_SYNC_HOOK = (
+    "{name!r} is a coroutine function, but a 'ScopedSession' runs its hooks synchronously. "
+    "Register a plain function, or use 'AsyncScopedSession'."
+)
 # Where a session created by a registry keeps the ScopeState that owns it.
 _STATE_KEY = "starlette_alchemy.scope"
 
@@ -39,12 +50,23 @@ _STATE_KEY = "starlette_alchemy.scope"
 class ScopeState(Generic[_T]):
     """The mutable holder that one scope keeps in a registry's ContextVar."""
 
-    __slots__ = ("doomed", "sealed", "session")
+    __slots__ = ("collector", "doomed", "hooks", "sealed", "session")
 
-    def __init__(self) -> None:
+    def __init__(self, hooks: Hooks | None = None) -> None:
         self.session: _T | None = None
         self.doomed = False
         self.sealed = False
+        # Change tracking: the registry's hooks, and this scope's collector, made on first use.
+        self.hooks = hooks
+        self.collector: Collector | None = None
+
+    def tracker(self) -> Collector:
+        """Return this scope's collector, creating it on first use."""
+        if self.collector is None:
+            if self.hooks is None:
+                raise TrackingDisabledError(_UNTRACKED)
+            self.collector = Collector(self.hooks)
+        return self.collector
 
 
 class ContextVarRegistry(ScopedRegistry[_T]):
@@ -55,13 +77,14 @@ class ContextVarRegistry(ScopedRegistry[_T]):
     the shared holder reaches the code that opened the scope and must close it.
     """
 
-    __slots__ = ("_no_scope", "_var")
+    __slots__ = ("_hooks", "_no_scope", "_var")
 
-    def __init__(self, createfunc: Callable[[], _T], *, no_scope_message: str) -> None:
+    def __init__(self, createfunc: Callable[[], _T], *, no_scope_message: str, hooks: Hooks | None = None) -> None:
         self.createfunc = createfunc
         self.scopefunc = self.current
         self.registry = None
         self._no_scope = no_scope_message
+        self._hooks = hooks
         self._var: ContextVar[ScopeState[_T] | None] = ContextVar("starlette_alchemy.scope", default=None)
 
     def __call__(self) -> _T:
@@ -80,6 +103,8 @@ class ContextVarRegistry(ScopedRegistry[_T]):
         """Set the object for the current scope."""
         state = self.current()
         obj.info[_STATE_KEY] = state
+        if state.hooks is not None:
+            state.tracker()._attach(obj.sync_session if isinstance(obj, AsyncSession) else obj)
         state.session = obj
 
     def clear(self) -> None:
@@ -97,7 +122,7 @@ class ContextVarRegistry(ScopedRegistry[_T]):
 
     def open(self) -> tuple[ScopeState[_T], Token[ScopeState[_T] | None]]:
         """Open a new, empty scope in the current context; give the token to ``reset()``."""
-        state: ScopeState[_T] = ScopeState()
+        state: ScopeState[_T] = ScopeState(self._hooks)
         return state, self._var.set(state)
 
     def reset(self, token: Token[ScopeState[_T] | None]) -> None:
@@ -109,6 +134,7 @@ class _ScopeControls(Generic[_T]):
     """What both registries add to SQLAlchemy's scoped session, for the current scope."""
 
     registry: ContextVarRegistry[_T]
+    hooks: Hooks | None
 
     def has(self) -> bool:
         """Return True if the current scope already created its session."""
@@ -129,6 +155,46 @@ class _ScopeControls(Generic[_T]):
         # threadpool, and creating a session does no I/O worth a thread hop.
         return self.registry()
 
+    async def collector_dependency(self) -> Collector:
+        """Return the current scope's collector; use as ``Depends(db.collector_dependency)``."""
+        return self.collector
+
+    @property
+    def collector(self) -> Collector:
+        """The current scope's ``Collector``: the objects it touched and the rows it wrote."""
+        return self.registry.current().tracker()
+
+    def before_commit(self, hook: BeforeCommitHook) -> BeforeCommitHook:
+        """Register ``hook(session, changes)`` to run inside every scope's transaction, just before COMMIT.
+
+        Use it as a decorator. Objects it adds commit atomically with the data;
+        an exception it raises aborts the commit.
+        """
+        self._hooks().before_commit.append(hook)
+        return hook
+
+    def after_commit(self, hook: AfterCommitHook) -> AfterCommitHook:
+        """Register ``hook(changes)`` to run after every scope's COMMIT; its errors are logged, never raised.
+
+        Use it as a decorator.
+        """
+        self._check_callable(hook)
+        self._hooks().after_commit.append(hook)
+        return hook
+
+    def on_commit(self, callback: Callback) -> None:
+        """Run ``callback()`` after the current scope's outermost COMMIT; forget it if that rolls back."""
+        self._check_callable(callback)
+        self.registry.current().tracker().on_commit(callback)
+
+    def _hooks(self) -> Hooks:
+        if self.hooks is None:
+            raise TrackingDisabledError(_UNTRACKED)
+        return self.hooks
+
+    def _check_callable(self, function: Callable[..., Any]) -> None:
+        """Refuse a hook or callback this registry cannot run."""
+
 
 class ScopedSession(_ScopeControls[_S], scoped_session[_S]):
     """A ``scoped_session`` whose scope is one request or one ``scope()`` block.
@@ -140,15 +206,20 @@ class ScopedSession(_ScopeControls[_S], scoped_session[_S]):
     registry: ContextVarRegistry[_S]
 
     @overload
-    def __init__(self: ScopedSession[Session], bind: Engine, /) -> None: ...
+    def __init__(self: ScopedSession[Session], bind: Engine, /, *, track_changes: bool = True) -> None: ...
 
     @overload
-    def __init__(self, bind: sessionmaker[_S], /) -> None: ...
+    def __init__(self, bind: sessionmaker[_S], /, *, track_changes: bool = True) -> None: ...
 
-    def __init__(self, bind: Engine | sessionmaker[_S], /) -> None:
-        factory = _sync_factory(bind)
+    def __init__(self, bind: Engine | sessionmaker[_S], /, *, track_changes: bool = True) -> None:
+        factory = _sync_factory(bind, track_changes)
         self.session_factory = factory
-        self.registry = ContextVarRegistry(factory, no_scope_message=_NO_SCOPE.format(opener="with"))
+        self.hooks = Hooks() if track_changes else None
+        self.registry = ContextVarRegistry(factory, no_scope_message=_NO_SCOPE.format(opener="with"), hooks=self.hooks)
+
+    def _check_callable(self, function: Callable[..., Any]) -> None:
+        if inspect.iscoroutinefunction(function):
+            raise TypeError(_SYNC_HOOK.format(name=getattr(function, "__qualname__", function)))
 
     @contextmanager
     def scope(self, *, commit: bool = True) -> Iterator[ScopedSession[_S]]:
@@ -158,11 +229,14 @@ class ScopedSession(_ScopeControls[_S], scoped_session[_S]):
         on the new scope's session; the enclosing scope is restored on exit.
         """
         state, token = self.registry.open()
+        committed = False
         try:
             yield self
             session = state.session
-            if commit and session is not None and not state.doomed and session.in_transaction():
-                _commit_or_discard(session)
+            if commit and not state.doomed:
+                if session is not None and session.in_transaction():
+                    _commit_or_discard(session)
+                committed = True
         except BaseException:
             with _log_errors("closing the session after an error"):
                 _close(state.session)
@@ -171,6 +245,9 @@ class ScopedSession(_ScopeControls[_S], scoped_session[_S]):
             _close(state.session)
         finally:
             self.registry.reset(token)
+            if state.collector is not None:
+                state.collector._settle(committed=committed)
+                state.collector._run_ready()
 
 
 class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
@@ -183,15 +260,20 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
     registry: ContextVarRegistry[_AS]
 
     @overload
-    def __init__(self: AsyncScopedSession[AsyncSession], bind: AsyncEngine, /) -> None: ...
+    def __init__(
+        self: AsyncScopedSession[AsyncSession], bind: AsyncEngine, /, *, track_changes: bool = True
+    ) -> None: ...
 
     @overload
-    def __init__(self, bind: async_sessionmaker[_AS], /) -> None: ...
+    def __init__(self, bind: async_sessionmaker[_AS], /, *, track_changes: bool = True) -> None: ...
 
-    def __init__(self, bind: AsyncEngine | async_sessionmaker[_AS], /) -> None:
-        factory = _async_factory(bind)
+    def __init__(self, bind: AsyncEngine | async_sessionmaker[_AS], /, *, track_changes: bool = True) -> None:
+        factory = _async_factory(bind, track_changes)
         self.session_factory = factory
-        self.registry = ContextVarRegistry(factory, no_scope_message=_NO_SCOPE.format(opener="async with"))
+        self.hooks = Hooks() if track_changes else None
+        self.registry = ContextVarRegistry(
+            factory, no_scope_message=_NO_SCOPE.format(opener="async with"), hooks=self.hooks
+        )
 
     @asynccontextmanager
     async def scope(self, *, commit: bool = True) -> AsyncIterator[AsyncScopedSession[_AS]]:
@@ -201,11 +283,14 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
         acts on the new scope's session; the enclosing scope is restored on exit.
         """
         state, token = self.registry.open()
+        committed = False
         try:
             yield self
             session = state.session
-            if commit and session is not None and not state.doomed and session.in_transaction():
-                await _acommit_or_discard(session)
+            if commit and not state.doomed:
+                if session is not None and session.in_transaction():
+                    await _acommit_or_discard(session)
+                committed = True
         except BaseException:
             with anyio.CancelScope(shield=True), _log_errors("closing the session after an error"):
                 await _aclose(state.session)
@@ -215,6 +300,9 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
                 await _aclose(state.session)
         finally:
             self.registry.reset(token)
+            if state.collector is not None:
+                state.collector._settle(committed=committed)
+                await state.collector._arun_ready()
 
 
 class _ScopeSession(Session):
@@ -225,31 +313,41 @@ class _ScopeSession(Session):
     """
 
 
-_scope_classes: dict[type[Session], type[Session]] = {}
+class _TrackedScopeSession(_TrackedSession, _ScopeSession):
+    """A ``_ScopeSession`` that also reports to its scope's ``Collector``."""
 
 
-def _scope_class(session_class: type[Session]) -> type[Session]:
-    """Return a subclass of *session_class* that also derives from ``_ScopeSession`` (cached)."""
-    if issubclass(session_class, _ScopeSession):
+_scope_classes: dict[tuple[type[Session], type[Session]], type[Session]] = {}
+
+
+def _scope_class(session_class: type[Session], base: type[Session]) -> type[Session]:
+    """Return a subclass of *session_class* that also derives from *base* (cached)."""
+    if issubclass(session_class, base):
         return session_class
-    if session_class not in _scope_classes:
-        _scope_classes[session_class] = type(session_class.__name__, (_ScopeSession, session_class), {})
-    return _scope_classes[session_class]
+    key = (session_class, base)
+    if key not in _scope_classes:
+        _scope_classes[key] = type(session_class.__name__, (base, session_class), {})
+    return _scope_classes[key]
 
 
-def _sync_factory(bind: Engine | sessionmaker[Any]) -> sessionmaker[Any]:
-    """A factory of ``_ScopeSession`` sessions: built for an engine, or a copy of the given one."""
+def _base(track_changes: bool) -> type[Session]:
+    return _TrackedScopeSession if track_changes else _ScopeSession
+
+
+def _sync_factory(bind: Engine | sessionmaker[Any], track_changes: bool) -> sessionmaker[Any]:
+    """A factory of the package's sessions: built for an engine, or a copy of the given one."""
     if isinstance(bind, Engine):
-        return sessionmaker(bind, class_=_ScopeSession, expire_on_commit=False)
-    return sessionmaker(class_=_scope_class(bind.class_), **bind.kw)
+        return sessionmaker(bind, class_=_base(track_changes), expire_on_commit=False)
+    return sessionmaker(class_=_scope_class(bind.class_, _base(track_changes)), **bind.kw)
 
 
-def _async_factory(bind: AsyncEngine | async_sessionmaker[Any]) -> async_sessionmaker[Any]:
-    """An async factory whose sync sessions are ``_ScopeSession``: built for an engine, or a copy."""
+def _async_factory(bind: AsyncEngine | async_sessionmaker[Any], track_changes: bool) -> async_sessionmaker[Any]:
+    """An async factory whose sync sessions are the package's: built for an engine, or a copy."""
     if isinstance(bind, AsyncEngine):
-        return async_sessionmaker(bind, expire_on_commit=False, sync_session_class=_ScopeSession)
+        return async_sessionmaker(bind, expire_on_commit=False, sync_session_class=_base(track_changes))
     sync_class = bind.kw.get("sync_session_class", bind.class_.sync_session_class)
-    return async_sessionmaker(class_=bind.class_, **{**bind.kw, "sync_session_class": _scope_class(sync_class)})
+    sync_class = _scope_class(sync_class, _base(track_changes))
+    return async_sessionmaker(class_=bind.class_, **{**bind.kw, "sync_session_class": sync_class})
 
 
 @event.listens_for(_ScopeSession, "before_flush")
