@@ -623,6 +623,14 @@ async def test_sync_registry_refuses_coroutine_hooks(db: ScopedSession[Session])
 
 
 @pytest.mark.anyio
+async def test_before_commit_hooks_must_be_plain_functions(db: AnyDB) -> None:
+    async def hook(session: Session, changes: Changes) -> None: ...
+
+    with pytest.raises(TypeError, match=r"'before_commit' hooks run inside the COMMIT, synchronously"):
+        db.before_commit(hook)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
 async def test_on_commit_follows_the_outcome_of_the_request(
     db: AnyDB, inspection_engine: Engine, transport: str
 ) -> None:

@@ -31,7 +31,7 @@ __all__ = ["UNKNOWN", "Change", "Changes", "Collector", "Hooks"]
 logger = logging.getLogger("starlette_alchemy")
 
 # Where a tracked session keeps the Collector of the scope that owns it.
-COLLECTOR_KEY = "starlette_alchemy.collector"
+_COLLECTOR_KEY = "starlette_alchemy.collector"
 
 Op = Literal["insert", "update", "delete"]
 Callback = Callable[[], None | Awaitable[None]]
@@ -187,7 +187,7 @@ class Collector:
     def _attach(self, session: Session) -> None:
         """Follow *session*, the scope's (synchronous) session."""
         self._session = session
-        session.info[COLLECTOR_KEY] = self
+        session.info[_COLLECTOR_KEY] = self
 
     def _select(self, predicate: Callable[[InstanceState[Any]], bool]) -> IdentitySet:
         found = IdentitySet()
@@ -468,7 +468,7 @@ class _TrackedSession(Session):
 
 
 def _collector(session: Session) -> Collector | None:
-    return session.info.get(COLLECTOR_KEY)
+    return session.info.get(_COLLECTOR_KEY)
 
 
 def _left_session(session: Session, state: InstanceState[Any]) -> None:
@@ -480,9 +480,9 @@ def _left_session(session: Session, state: InstanceState[Any]) -> None:
 # The transitions that take an object out of the session's own bookkeeping. The
 # other seven end in the session (its new objects or identity map), where the
 # collector reads them; listening to those would cost about a tenth of a flush.
-for _name in ("persistent_to_deleted", "persistent_to_detached", "deleted_to_detached"):
+for _transition in ("persistent_to_deleted", "persistent_to_detached", "deleted_to_detached"):
     # raw=True: the listener gets the InstanceState, without SQLAlchemy's wrapper call.
-    event.listen(_TrackedSession, _name, _left_session, raw=True)
+    event.listen(_TrackedSession, _transition, _left_session, raw=True)
 
 
 @event.listens_for(_TrackedSession, "after_flush")

@@ -23,7 +23,6 @@ __all__ = ["AsyncScopedSession", "ContextVarRegistry", "ScopeState", "ScopedSess
 logger = logging.getLogger("starlette_alchemy")
 
 _T = TypeVar("_T", bound=Session | AsyncSession)
-_F = TypeVar("_F", bound=Callable[..., Any])
 _S = TypeVar("_S", bound=Session)
 _AS = TypeVar("_AS", bound=AsyncSession)
 
@@ -38,6 +37,10 @@ _SEALED = (
 _UNTRACKED = (
     "Change tracking is off for this registry, so it has no collector, hooks or 'on_commit'. "
     "Create it with 'track_changes=True' (the default)."
+)
+_ASYNC_BEFORE_COMMIT = (
+    "{name!r} is a coroutine function, but 'before_commit' hooks run inside the COMMIT, synchronously. "
+    "Register a plain function: it gets the synchronous Session, whose 'add()' needs no await."
 )
 _SYNC_HOOK = (
     "{name!r} is a coroutine function, but a 'ScopedSession' runs its hooks synchronously. "
@@ -170,6 +173,8 @@ class _ScopeControls(Generic[_T]):
         Use it as a decorator. Objects it adds commit atomically with the data;
         an exception it raises aborts the commit.
         """
+        if inspect.iscoroutinefunction(hook):
+            raise TypeError(_ASYNC_BEFORE_COMMIT.format(name=_name(hook)))
         self._hooks().before_commit.append(hook)
         return hook
 
@@ -219,7 +224,7 @@ class ScopedSession(_ScopeControls[_S], scoped_session[_S]):
 
     def _check_callable(self, function: Callable[..., Any]) -> None:
         if inspect.iscoroutinefunction(function):
-            raise TypeError(_SYNC_HOOK.format(name=getattr(function, "__qualname__", function)))
+            raise TypeError(_SYNC_HOOK.format(name=_name(function)))
 
     @contextmanager
     def scope(self, *, commit: bool = True) -> Iterator[ScopedSession[_S]]:
@@ -303,6 +308,10 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
             if state.collector is not None:
                 state.collector._settle(committed=committed)
                 await state.collector._arun_ready()
+
+
+def _name(function: Callable[..., Any]) -> str:
+    return getattr(function, "__qualname__", repr(function))
 
 
 class _ScopeSession(Session):
