@@ -211,6 +211,28 @@ async def test_failed_commit_is_a_500_and_skips_background_tasks(
     assert checked_out(engine) == 0
 
 
+async def test_on_commit_failure_can_answer_instead_of_the_500(
+    db: AnyDB, inspection_engine: Engine, transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def conflict(exc: CommitFailedError) -> Response | None:
+        if isinstance(exc.__cause__, IntegrityError) and "/dangling" in seen:
+            return JSONResponse({"detail": "conflict"}, status_code=409)
+        return None
+
+    caplog.set_level(logging.INFO, "starlette_alchemy")
+    seen: list[str] = []
+    async with http_client(make_app(db, seen, on_commit_failure=conflict), transport) as client:
+        unmapped = await client.post("/dangling")
+        seen.append("/dangling")
+        mapped = await client.post("/dangling")
+    assert unmapped.status_code == 500
+    assert (mapped.status_code, mapped.json()) == (409, {"detail": "conflict"})
+    assert seen == ["/dangling"], "background tasks never run after a failed COMMIT"
+    assert "'on_commit_failure' answered 409" in caplog.text
+    with inspection_engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(Note)) == 0
+
+
 @pytest.mark.parametrize("backend", SYNC_BACKENDS, indirect=True, ids=lambda b: b.id)
 async def test_sync_endpoint_session_is_committed_and_closed(
     db: AnyDB, engine: Engine | AsyncEngine, inspection_engine: Engine, transport: str

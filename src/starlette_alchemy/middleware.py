@@ -12,6 +12,7 @@ from weakref import WeakKeyDictionary
 import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .exceptions import CommitFailedError
@@ -22,6 +23,8 @@ __all__ = ["DBSessionMiddleware"]
 logger = logging.getLogger("starlette_alchemy")
 
 AnyScopedSession = ScopedSession[Any] | AsyncScopedSession[Any]
+# The key under which the middleware lists its registries in each ASGI scope (see fastapi.py).
+SCOPE_KEY = "starlette_alchemy.registries"
 _Opened = list[tuple[AnyScopedSession, ScopeState[Any], Token[Any]]]
 
 
@@ -36,7 +39,8 @@ class DBSessionMiddleware:
     The commit happens when the app sends ``http.response.start`` and before that
     message is forwarded, so a failed COMMIT turns into a 500, never a 2xx. Add it
     with ``Middleware(DBSessionMiddleware, db=db)``, so Starlette's error
-    middleware stays outside it and answers that 500.
+    middleware stays outside it and answers that 500. ``on_commit_failure(exc)``
+    may answer instead (a 409 for a conflict, say) by returning a ``Response``.
     """
 
     def __init__(
@@ -45,18 +49,22 @@ class DBSessionMiddleware:
         *,
         db: AnyScopedSession | Sequence[AnyScopedSession],
         commit_on: Callable[[int], bool] | None = None,
+        on_commit_failure: Callable[[CommitFailedError], Response | None] | None = None,
         websocket: Literal["manual", "off"] = "manual",
     ) -> None:
         assert websocket in ("manual", "off"), "'websocket' must be 'manual' or 'off'."
         self.app = app
         self.registries: tuple[AnyScopedSession, ...] = tuple(db) if isinstance(db, Sequence) else (db,)
         self.commit_on = commit_on or commit_2xx_3xx
+        self.on_commit_failure = on_commit_failure
         self.websocket = websocket
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            scope[SCOPE_KEY] = self.registries
             await self._http(scope, receive, send)
         elif scope["type"] == "websocket" and self.websocket == "manual":
+            scope[SCOPE_KEY] = self.registries
             await self._websocket(scope, receive, send)
         else:
             await self.app(scope, receive, send)
@@ -72,6 +80,14 @@ class DBSessionMiddleware:
 
         try:
             await self.app(scope, receive, send_after_settling)
+        except CommitFailedError as exc:
+            # The handler's status line was never forwarded, so another response still can be.
+            response = self.on_commit_failure(exc) if self.on_commit_failure is not None else None
+            if response is None:
+                logger.error("%s The client gets a 500.", exc, exc_info=True)
+                raise
+            logger.info("%s 'on_commit_failure' answered %d.", exc, response.status_code)
+            await response(scope, receive, send)
         finally:
             await _close(opened)
 
@@ -144,8 +160,7 @@ async def _commit(session: Session | AsyncSession, committed: list[str]) -> None
     except Exception as exc:
         where = _describe(session)
         already = f" after {', '.join(committed)} had already committed" if committed else ""
-        message = f"COMMIT failed on {where}{already}; the response was replaced by a 500."
-        logger.error(message, exc_info=True)
+        message = f"COMMIT failed on {where}{already}; the handler's response was not sent."
         raise CommitFailedError(message) from exc
 
 
