@@ -1,0 +1,70 @@
+"""Every code block in the README runs: Python blocks are executed, shell commands are checked.
+
+Python blocks run in order, each in a fresh namespace unless an
+``<!-- example: NAME -->`` comment before it names a namespace that earlier
+blocks share. They run in a temporary directory, where their SQLite files go.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from importlib.metadata import metadata
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from sqlalchemy import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+ROOT = Path(__file__).parent.parent
+BLOCK = re.compile(r"(?:<!-- example: (?P<name>[\w-]+) -->\n)?```(?P<language>\w+)\n(?P<code>.*?)```", re.DOTALL)
+
+
+def blocks(language: str) -> list[tuple[str | None, int, str]]:
+    """(namespace name, line number, code) of each README block in *language*, in order."""
+    readme = (ROOT / "README.md").read_text()
+    return [
+        (match["name"], readme.count("\n", 0, match.start("code")) + 1, match["code"])
+        for match in BLOCK.finditer(readme)
+        if match["language"] == language
+    ]
+
+
+def test_the_readme_has_the_blocks_this_test_expects() -> None:
+    assert len(blocks("python")) >= 10
+    assert {name for name, _, _ in blocks("python")} >= {"fastapi", "starlette", "several", None}
+
+
+def test_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    namespaces: dict[str, dict[str, Any]] = {}
+    for name, line, code in blocks("python"):
+        namespace = namespaces.setdefault(name, {}) if name else {}
+        namespace.setdefault("__name__", f"readme_{name or line}")
+        # dont_inherit: the blocks run without this module's ``from __future__ import annotations``.
+        exec(compile(code, f"README.md:{line}", "exec", dont_inherit=True), namespace)
+    for namespace in namespaces.values():
+        for value in namespace.values():
+            if isinstance(value, Engine):
+                value.dispose()
+            elif isinstance(value, AsyncEngine):
+                assert value.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_shell_commands_exist() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    extras = metadata("starlette-alchemy").get_all("Provides-Extra") or []
+    commands = [line.split("#")[0].strip() for _, _, code in blocks("sh") for line in code.splitlines()]
+    assert commands
+    for command in filter(None, commands):
+        program, *args = shlex.split(command)
+        if program == "make":
+            assert all(re.search(rf"^{target}:", makefile, re.MULTILINE) for target in args), command
+        elif program == "pip":
+            (requirement,) = [arg for arg in args if arg.startswith("starlette-alchemy")]
+            assert set(re.findall(r"\w+", requirement.split("[")[1])) <= set(extras), command
+        else:
+            assert program == "uvicorn", command
+            uvicorn.main.make_context("uvicorn", args)  # raises on an unknown option
