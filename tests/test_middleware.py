@@ -292,8 +292,13 @@ async def call(app: Any, path: str, method: str = "POST", on_message: Any = None
     scope: dict[str, Any] = {"type": "http", "method": method, "path": path, "headers": [], "query_string": b""}
     scope.update(asgi={"version": "3.0", "spec_version": "2.3"}, http_version="1.1", root_path="")
 
+    received: list[Message] = []
+
     async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        if received:
+            await anyio.sleep_forever()  # the client stays connected
+        received.append({"type": "http.request", "body": b"", "more_body": False})
+        return received[0]
 
     async def send(message: Message) -> None:
         if on_message is not None:
@@ -379,7 +384,13 @@ async def test_sync_registry_finishes_sessions_in_a_worker_thread(engine: Engine
 
     db = ScopedSession(sessionmaker(engine, class_=Recording))
     await call(make_app(db, []), "/add/threaded")
-    assert threads == ["commit:False", "close:False"]
+    # After the COMMIT there is no connection to give back, so closing does no I/O and stays on the loop.
+    assert threads == ["commit:False", "close:True"]
+    threads.clear()
+    await call(make_app(db, []), "/read-stream", method="GET")
+    # Nothing to commit at the status line; the streaming body's read then left a transaction
+    # open, and closing it (a ROLLBACK) goes to a worker thread.
+    assert threads == ["close:False"]
 
 
 # -- cancellation and disconnects ---------------------------------------------------------

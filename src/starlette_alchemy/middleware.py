@@ -74,8 +74,11 @@ class DBSessionMiddleware:
 
         async def send_after_settling(message: Message) -> None:
             if message["type"] == "http.response.start":
-                # Don't forward the status line until the transaction's outcome is known.
-                await _settle(opened, commit=self.commit_on(message["status"]))
+                if _in_use(opened):
+                    # Don't forward the status line until the transaction's outcome is known.
+                    await _settle(opened, commit=self.commit_on(message["status"]))
+                else:
+                    _seal(opened)
             await send(message)
 
         try:
@@ -89,7 +92,10 @@ class DBSessionMiddleware:
             logger.info("%s 'on_commit_failure' answered %d.", exc, response.status_code)
             await response(scope, receive, send)
         finally:
-            await _close(opened)
+            if _in_use(opened):
+                await _close(opened)
+            else:
+                _reset(opened)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         opened = _open(self.registries)
@@ -115,6 +121,16 @@ def _open(registries: tuple[AnyScopedSession, ...]) -> _Opened:
     return opened
 
 
+def _in_use(opened: _Opened) -> bool:
+    """True if a scope created its session or collector: the request has something to settle."""
+    return any(state.session is not None or state.collector is not None for _, state, _ in opened)
+
+
+def _seal(opened: _Opened) -> None:
+    for _, state, _ in opened:
+        state.sealed = True
+
+
 async def _settle(opened: _Opened, *, commit: bool) -> None:
     """Commit (or roll back) every scope's transaction, seal the sessions, run after-commit hooks."""
     committed: list[str] = []
@@ -133,8 +149,7 @@ async def _settle(opened: _Opened, *, commit: bool) -> None:
             if state.collector is not None:
                 state.collector._settle(committed=commits)
     finally:
-        for _, state, _ in opened:
-            state.sealed = True
+        _seal(opened)
         # Hooks run once the sessions are sealed, and for every database that committed.
         await _run_after_commit(opened)
 
@@ -147,7 +162,7 @@ async def _run_after_commit(opened: _Opened) -> None:
             if isinstance(registry, AsyncScopedSession):
                 await collector._arun_ready()
             else:
-                await anyio.to_thread.run_sync(collector._run_ready)
+                await _in_thread(collector._run_ready, limiter=anyio.to_thread.current_default_thread_limiter())
 
 
 async def _commit(session: Session | AsyncSession, committed: list[str]) -> None:
@@ -167,9 +182,17 @@ async def _commit(session: Session | AsyncSession, committed: list[str]) -> None
 async def _quietly(session: Session | AsyncSession, method: str, doing: str) -> None:
     """Run *method*, logging instead of raising: it must not mask the outcome being reported."""
     try:
-        await _run(session, method)
+        if method == "close" and not session.in_transaction():
+            # No transaction, so no connection to give back: closing does no I/O.
+            _sync(session).close()
+        else:
+            await _run(session, method)
     except Exception:
         logger.exception("%s on %s failed.", doing, _describe(session))
+
+
+def _sync(session: Session | AsyncSession) -> Session:
+    return session.sync_session if isinstance(session, AsyncSession) else session
 
 
 async def _close(opened: _Opened) -> None:
@@ -184,8 +207,13 @@ async def _close(opened: _Opened) -> None:
             # For commits made after the response started (a WebSocket handler's, say).
             await _run_after_commit(opened)
     finally:
-        for registry, _, token in reversed(opened):
-            registry.registry.reset(token)
+        _reset(opened)
+
+
+def _reset(opened: _Opened) -> None:
+    """Restore the scopes that were current before ``_open()``."""
+    for registry, _, token in reversed(opened):
+        registry.registry.reset(token)
 
 
 async def _run(session: Session | AsyncSession, method: str) -> None:
@@ -196,9 +224,19 @@ async def _run(session: Session | AsyncSession, method: str) -> None:
         await _in_thread(getattr(session, method))
 
 
-async def _in_thread(function: Callable[..., None], *args: Any) -> None:
-    """Run blocking session work in a worker thread, under the package's own limiter."""
-    await anyio.to_thread.run_sync(function, *args, limiter=_session_limiter())
+async def _in_thread(
+    function: Callable[..., None], *args: Any, limiter: anyio.CapacityLimiter | None = None
+) -> None:
+    """Run blocking session work in a worker thread, by default under the package's own limiter."""
+    # An idle worker thread keeps its last job's arguments: hand it a box it
+    # empties, so it does not keep a session (and its objects) alive.
+    await anyio.to_thread.run_sync(_call_unboxed, [function, args], limiter=limiter or _session_limiter())
+
+
+def _call_unboxed(box: list[Any]) -> None:
+    function, args = box
+    box.clear()
+    function(*args)
 
 
 # A limiter of our own, so sessions can always finish even when sync endpoints
