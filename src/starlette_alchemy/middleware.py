@@ -60,16 +60,12 @@ class DBSessionMiddleware:
         self.websocket = websocket
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            scope[SCOPE_KEY] = self.registries
-            await self._http(scope, receive, send)
-        elif scope["type"] == "websocket" and self.websocket == "manual":
-            scope[SCOPE_KEY] = self.registries
-            await self._websocket(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # HTTP is handled here rather than in a method of its own: one coroutine
+        # less per request is a measurable share of a request that never uses the database.
+        if scope["type"] != "http":
+            await self._not_http(scope, receive, send)
+            return
+        scope[SCOPE_KEY] = self.registries
         opened = _open(self.registries)
 
         async def send_after_settling(message: Message) -> None:
@@ -97,6 +93,13 @@ class DBSessionMiddleware:
             else:
                 _reset(opened)
 
+    async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and self.websocket == "manual":
+            scope[SCOPE_KEY] = self.registries
+            await self._websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         opened = _open(self.registries)
         try:
@@ -114,16 +117,15 @@ class DBSessionMiddleware:
 
 def _open(registries: tuple[AnyScopedSession, ...]) -> _Opened:
     """Open a fresh scope on every registry, in the current context."""
-    opened: _Opened = []
-    for registry in registries:
-        state, token = registry.registry.open()
-        opened.append((registry, state, token))
-    return opened
+    return [(registry, *registry.registry.open()) for registry in registries]
 
 
 def _in_use(opened: _Opened) -> bool:
     """True if a scope created its session or collector: the request has something to settle."""
-    return any(state.session is not None or state.collector is not None for _, state, _ in opened)
+    for _, state, _ in opened:
+        if state.session is not None or state.collector is not None:
+            return True
+    return False
 
 
 def _seal(opened: _Opened) -> None:
@@ -211,9 +213,13 @@ async def _close(opened: _Opened) -> None:
 
 
 def _reset(opened: _Opened) -> None:
-    """Restore the scopes that were current before ``_open()``."""
-    for registry, _, token in reversed(opened):
+    """Restore the scopes that were current before ``_open()``, and let go of their sessions."""
+    for registry, state, token in reversed(opened):
         registry.registry.reset(token)
+        # Copies of the request's context outlive it (an idle worker thread keeps
+        # its last one): the holder they share must not keep the session alive.
+        state.session = None
+        state.collector = None
 
 
 async def _run(session: Session | AsyncSession, method: str) -> None:
