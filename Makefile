@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo serve bench-lifecycle clean
+.PHONY: test lint demo serve bench bench-lifecycle clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(STAMP)
 # The FastAPI example on http://127.0.0.1:8000 (docs at /docs); SQLite in example.db unless DATABASE_URL is set.
 serve: $(STAMP)
 	$(BIN)/python -m uvicorn examples.fastapi_app:app --host 127.0.0.1 --port 8000
+
+# What the integration costs per request; BENCH_ARGS=--quick for a run under a minute.
+bench: $(STAMP)
+	$(BIN)/python -m bench.requests $(BENCH_ARGS)
 
 # What change tracking costs (issue 4); BENCH_ARGS=--quick for a smoke run.
 bench-lifecycle: $(STAMP)
