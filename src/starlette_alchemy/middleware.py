@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import Token
 from typing import Any, Literal
 from weakref import WeakKeyDictionary
@@ -147,7 +147,7 @@ async def _settle(opened: _Opened, *, commit: bool) -> None:
                     await _commit(session, committed)
                     committed.append(_describe(session))
                 else:
-                    await _quietly(session, "rollback", "ROLLBACK")
+                    await _quietly(session, "ROLLBACK", _run(session, "rollback"))
             if state.collector is not None:
                 state.collector._settle(committed=commits)
     finally:
@@ -181,20 +181,20 @@ async def _commit(session: Session | AsyncSession, committed: list[str]) -> None
         raise CommitFailedError(message) from exc
 
 
-async def _quietly(session: Session | AsyncSession, method: str, doing: str) -> None:
-    """Run *method*, logging instead of raising: it must not mask the outcome being reported."""
+async def _quietly(session: Session | AsyncSession, doing: str, work: Awaitable[None]) -> None:
+    """Await *work* on *session*, logging instead of raising: it must not mask the outcome being reported."""
     try:
-        if method == "close" and not session.in_transaction():
-            # No transaction, so no connection to give back: closing does no I/O.
-            _sync(session).close()
-        else:
-            await _run(session, method)
+        await work
     except Exception:
         logger.exception("%s on %s failed.", doing, _describe(session))
 
 
-def _sync(session: Session | AsyncSession) -> Session:
-    return session.sync_session if isinstance(session, AsyncSession) else session
+async def _close_session(session: Session | AsyncSession) -> None:
+    """Close *session*; without a transaction it holds no connection, so that does no I/O and stays on the loop."""
+    if not session.in_transaction():
+        (session.sync_session if isinstance(session, AsyncSession) else session).close()
+    else:
+        await _run(session, "close")
 
 
 async def _close(opened: _Opened) -> None:
@@ -205,7 +205,7 @@ async def _close(opened: _Opened) -> None:
             # A cancelled request must still release its connections.
             with anyio.CancelScope(shield=True):
                 for session in sessions:
-                    await _quietly(session, "close", "Closing the session")
+                    await _quietly(session, "Closing the session", _close_session(session))
             # For commits made after the response started (a WebSocket handler's, say).
             await _run_after_commit(opened)
     finally:
@@ -230,9 +230,7 @@ async def _run(session: Session | AsyncSession, method: str) -> None:
         await _in_thread(getattr(session, method))
 
 
-async def _in_thread(
-    function: Callable[..., None], *args: Any, limiter: anyio.CapacityLimiter | None = None
-) -> None:
+async def _in_thread(function: Callable[..., None], *args: Any, limiter: anyio.CapacityLimiter | None = None) -> None:
     """Run blocking session work in a worker thread, by default under the package's own limiter."""
     # An idle worker thread keeps its last job's arguments: hand it a box it
     # empties, so it does not keep a session (and its objects) alive.
