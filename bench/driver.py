@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import sqlalchemy as sa
 from starlette.types import ASGIApp, Message
 
 
@@ -75,3 +78,20 @@ async def compare(
             await run()
             times.append(time.perf_counter() - start)
     return result
+
+
+def databases(directory: Path) -> list[tuple[str, str, str]]:
+    """(label, kind, url) for SQLite in *directory*, and for PostgreSQL when TEST_POSTGRES_URL is set."""
+    sqlite = directory / "bench.db"
+    found = [
+        ("sync sqlite", "sync", f"sqlite+pysqlite:///{sqlite}"),
+        ("async sqlite", "async", f"sqlite+aiosqlite:///{sqlite}"),
+    ]
+    postgres = os.environ.get("TEST_POSTGRES_URL")
+    if postgres:
+        url = sa.make_url(postgres)
+        found += [
+            ("sync psycopg", "sync", url.set(drivername="postgresql+psycopg").render_as_string(False)),
+            ("async asyncpg", "async", url.set(drivername="postgresql+asyncpg").render_as_string(False)),
+        ]
+    return found

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -25,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bench.driver import Comparison, compare, request
+from bench.driver import Comparison, compare, databases, request
 from starlette_alchemy import AsyncScopedSession, DBSessionMiddleware, ScopedSession
 
 FLUSH_TARGET = 1.15
@@ -119,23 +118,6 @@ async def measure(label: str, kind: str, url: str, rounds: int, requests: int) -
     finally:
         await dispose(off)
         await dispose(on)
-
-
-def databases(directory: Path) -> list[tuple[str, str, str]]:
-    """(label, kind, url) for SQLite, and for PostgreSQL when TEST_POSTGRES_URL is set."""
-    sqlite = directory / "bench.db"
-    found = [
-        ("sync sqlite", "sync", f"sqlite+pysqlite:///{sqlite}"),
-        ("async sqlite", "async", f"sqlite+aiosqlite:///{sqlite}"),
-    ]
-    postgres = os.environ.get("TEST_POSTGRES_URL")
-    if postgres:
-        url = sa.make_url(postgres)
-        found += [
-            ("sync psycopg", "sync", url.set(drivername="postgresql+psycopg").render_as_string(False)),
-            ("async asyncpg", "async", url.set(drivername="postgresql+asyncpg").render_as_string(False)),
-        ]
-    return found
 
 
 def create_tables(found: list[tuple[str, str, str]]) -> None:

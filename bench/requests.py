@@ -33,7 +33,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from bench.driver import request
+from bench.driver import databases, request
 from starlette_alchemy import AsyncScopedSession, DBSessionMiddleware, ScopedSession
 
 WORKLOADS = ("w0", "touch", "w1", "w2")
@@ -281,22 +281,6 @@ def prepare(url: str) -> None:
     with engine.begin() as conn:
         conn.execute(sa.insert(Row), [{"name": "seed"}])
     engine.dispose()
-
-
-def databases(directory: Path) -> list[tuple[str, str, str]]:
-    sqlite = directory / "bench.db"
-    found = [
-        ("async sqlite", "async", f"sqlite+aiosqlite:///{sqlite}"),
-        ("sync sqlite", "sync", f"sqlite+pysqlite:///{sqlite}"),
-    ]
-    postgres = os.environ.get("TEST_POSTGRES_URL")
-    if postgres:
-        url = sa.make_url(postgres)
-        found += [
-            ("async asyncpg", "async", url.set(drivername="postgresql+asyncpg").render_as_string(False)),
-            ("sync psycopg", "sync", url.set(drivername="postgresql+psycopg").render_as_string(False)),
-        ]
-    return found
 
 
 def report(title: str, rows: list[tuple[str, float, bool]], limits: dict[str, str]) -> int:

@@ -62,6 +62,13 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(params=["asgi", "uvicorn"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """How a test's HTTP client reaches the app: in process, or through uvicorn on 127.0.0.1."""
+    name: str = request.param
+    return name
+
+
 @pytest.fixture(scope="session")
 def postgres_schema() -> Iterator[None]:
     """Create the test tables once per run on PostgreSQL; fail loudly if it is unreachable."""

@@ -32,12 +32,6 @@ from tests.support import AnyDB, committed_names, http_client
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["asgi", "uvicorn"])
-def transport(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    return name
-
-
 def async_app(db: AsyncScopedSession[AsyncSession], events: list[str]) -> FastAPI:
     app = FastAPI()
     app.add_middleware(DBSessionMiddleware, db=db)

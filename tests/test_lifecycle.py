@@ -446,12 +446,6 @@ async def test_a_failed_bulk_statement_is_not_reported(db: AnyDB) -> None:
 # -- hooks through the middleware -------------------------------------------------------
 
 
-@pytest.fixture(params=["asgi", "uvicorn"])
-def transport(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    return name
-
-
 def audit(session: Session, changes: Changes) -> None:
     """The audit recipe: one ``AuditLog`` row per change, in the transaction that made it."""
     for change in changes:

@@ -39,12 +39,6 @@ from tests.support import AnyDB, build, committed_names, counting_session_class,
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["asgi", "uvicorn"])
-def transport(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    return name
-
-
 def make_app(db: AnyDB, events: list[str], **options: Any) -> Starlette:
     """An app whose routes act out each situation of the commit table."""
 
