@@ -17,7 +17,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -25,24 +24,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bench.driver import Comparison, compare, databases, request
+from bench.models import Row, recreate
 from starlette_alchemy import AsyncScopedSession, DBSessionMiddleware, ScopedSession
 
 FLUSH_TARGET = 1.15
 REQUEST_TARGET = 1.10
 
 AnyDB = ScopedSession[Any] | AsyncScopedSession[Any]
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Row(Base):
-    __tablename__ = "bench_row"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String(50))
-    value: Mapped[int]
 
 
 def registry(kind: str, url: str, *, track: bool) -> AnyDB:
@@ -120,20 +108,14 @@ async def measure(label: str, kind: str, url: str, rounds: int, requests: int) -
         await dispose(on)
 
 
-def create_tables(found: list[tuple[str, str, str]]) -> None:
-    for url in {url.replace("+aiosqlite", "+pysqlite").replace("+asyncpg", "+psycopg") for _, _, url in found}:
-        engine = sa.create_engine(url)
-        Base.metadata.drop_all(engine)
-        Base.metadata.create_all(engine)
-        engine.dispose()
-
-
 async def main(quick: bool) -> int:
     rounds, requests = (6, 100) if quick else (20, 100)
     results: list[tuple[Comparison, float]] = []
     with tempfile.TemporaryDirectory() as directory:
         found = databases(Path(directory))
-        create_tables(found)
+        for _, kind, url in found:
+            if kind == "sync":  # one of each database's entries
+                recreate(url)
         for label, kind, url in found:
             results += await measure(label, kind, url, rounds, requests)
     print(f"{'benchmark':<44} {'off (ms)':>9} {'on (ms)':>9} {'ratio':>7} {'target':>8}")

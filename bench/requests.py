@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -34,20 +34,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from bench.driver import databases, request
+from bench.models import Row, recreate
 from starlette_alchemy import AsyncScopedSession, DBSessionMiddleware, ScopedSession
 
 WORKLOADS = ("w0", "touch", "w1", "w2")
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Row(Base):
-    __tablename__ = "bench_request_row"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String(50))
 
 
 # -- the variants: one app each, with a route per workload --------------------------------
@@ -274,15 +264,6 @@ def _rss_mb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def prepare(url: str) -> None:
-    engine = sa.create_engine(url.replace("+aiosqlite", "+pysqlite").replace("+asyncpg", "+psycopg"))
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
-    with engine.begin() as conn:
-        conn.execute(sa.insert(Row), [{"name": "seed"}])
-    engine.dispose()
-
-
 def report(title: str, rows: list[tuple[str, float, bool]], limits: dict[str, str]) -> int:
     print(f"\n{title}")
     missed = 0
@@ -299,7 +280,7 @@ async def main(quick: bool) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as directory:
         for label, kind, url in databases(Path(directory)):
-            prepare(url)
+            recreate(url)
             for concurrency in (1, 50):
                 rows = await in_process(kind, url, rounds, count, concurrency)
                 mode = "sequential" if concurrency == 1 else f"{concurrency} concurrent"

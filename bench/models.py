@@ -1,0 +1,28 @@
+"""The table the benchmarks write, and how each run starts it afresh."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Row(Base):
+    __tablename__ = "bench_row"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(50))
+    value: Mapped[int] = mapped_column(default=0)
+
+
+def recreate(url: str) -> None:
+    """Drop and create the table on *url*'s database (through a sync driver), with one row, id 1, to read."""
+    engine = sa.create_engine(url.replace("+aiosqlite", "+pysqlite").replace("+asyncpg", "+psycopg"))
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(Row), [{"name": "seed"}])
+    engine.dispose()
