@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import Token
 from typing import Any, Literal
 from weakref import WeakKeyDictionary
@@ -68,14 +69,13 @@ class DBSessionMiddleware:
         scope[SCOPE_KEY] = self.registries
         opened = _open(self.registries)
 
-        async def send_after_settling(message: Message) -> None:
+        # A plain function returning the awaitable: forwarding a message costs no coroutine of its own.
+        def send_after_settling(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start":
                 if _in_use(opened):
-                    # Don't forward the status line until the transaction's outcome is known.
-                    await _settle(opened, commit=self.commit_on(message["status"]))
-                else:
-                    _seal(opened)
-            await send(message)
+                    return self._settle_then_send(opened, message, send)
+                _seal(opened)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_after_settling)
@@ -92,6 +92,11 @@ class DBSessionMiddleware:
                 await _close(opened)
             else:
                 _reset(opened)
+
+    async def _settle_then_send(self, opened: _Opened, message: Message, send: Send) -> None:
+        # Don't forward the status line until the transaction's outcome is known.
+        await _settle(opened, commit=self.commit_on(message["status"]))
+        await send(message)
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and self.websocket == "manual":
@@ -147,7 +152,8 @@ async def _settle(opened: _Opened, *, commit: bool) -> None:
                     await _commit(session, committed)
                     committed.append(_describe(session))
                 else:
-                    await _quietly(session, "ROLLBACK", _run(session, "rollback"))
+                    with _logging_errors(session, "ROLLBACK"):
+                        await _run(session, "rollback")
             if state.collector is not None:
                 state.collector._settle(committed=commits)
     finally:
@@ -181,33 +187,31 @@ async def _commit(session: Session | AsyncSession, committed: list[str]) -> None
         raise CommitFailedError(message) from exc
 
 
-async def _quietly(session: Session | AsyncSession, doing: str, work: Awaitable[None]) -> None:
-    """Await *work* on *session*, logging instead of raising: it must not mask the outcome being reported."""
+@contextmanager
+def _logging_errors(session: Session | AsyncSession, doing: str) -> Iterator[None]:
+    """Log an ``Exception`` raised in the block instead of raising it: it must not mask the outcome being reported."""
     try:
-        await work
+        yield
     except Exception:
         logger.exception("%s on %s failed.", doing, _describe(session))
 
 
-async def _close_session(session: Session | AsyncSession) -> None:
-    """Close *session*; without a transaction it holds no connection, so that does no I/O and stays on the loop."""
-    if not session.in_transaction():
-        (session.sync_session if isinstance(session, AsyncSession) else session).close()
-    else:
-        await _run(session, "close")
-
-
 async def _close(opened: _Opened) -> None:
-    """Close every session and restore the previous scopes, shielded from cancellation."""
+    """Close every session and restore the previous scopes; a cancelled request still releases its connections."""
     try:
-        sessions = [state.session for _, state, _ in opened if state.session is not None]
-        if sessions:
-            # A cancelled request must still release its connections.
-            with anyio.CancelScope(shield=True):
-                for session in sessions:
-                    await _quietly(session, "Closing the session", _close_session(session))
-            # For commits made after the response started (a WebSocket handler's, say).
-            await _run_after_commit(opened)
+        for _, state, _ in opened:
+            session = state.session
+            if session is None:
+                continue
+            with _logging_errors(session, "Closing the session"):
+                if session.in_transaction():
+                    with anyio.CancelScope(shield=True):
+                        await _run(session, "close")
+                else:
+                    # Without a transaction the session holds no connection: closing it does no I/O.
+                    (session.sync_session if isinstance(session, AsyncSession) else session).close()
+        # For commits made after the response started (a WebSocket handler's, say).
+        await _run_after_commit(opened)
     finally:
         _reset(opened)
 
