@@ -378,7 +378,22 @@ async def test_sync_registry_finishes_sessions_in_a_worker_thread(engine: Engine
 
     db = ScopedSession(sessionmaker(engine, class_=Recording))
     await call(make_app(db, []), "/add/threaded")
-    # After the COMMIT there is no connection to give back, so closing does no I/O and stays on the loop.
+    # After the COMMIT there is no connection to give back, and the committed object is
+    # gone from the (weak) identity map: there is nothing to close at all.
+    assert threads == ["commit:False"]
+    threads.clear()
+    held: list[Item] = []
+
+    async def hold(request: Request) -> Response:
+        held.append(Item(name="held"))
+        db.add(held[-1])
+        return PlainTextResponse("added")
+
+    app = Starlette(
+        routes=[Route("/hold", hold, methods=["POST"])], middleware=[Middleware(DBSessionMiddleware, db=db)]
+    )
+    await call(app, "/hold")
+    # An object the app still holds must be detached: closing does no I/O and stays on the loop.
     assert threads == ["commit:False", "close:True"]
     threads.clear()
     await call(make_app(db, []), "/read-stream", method="GET")

@@ -208,12 +208,19 @@ async def _close(opened: _Opened) -> None:
                     with anyio.CancelScope(shield=True):
                         await _run(session, "close")
                 else:
-                    # Without a transaction the session holds no connection: closing it does no I/O.
-                    (session.sync_session if isinstance(session, AsyncSession) else session).close()
+                    _close_without_io(session.sync_session if isinstance(session, AsyncSession) else session)
         # For commits made after the response started (a WebSocket handler's, say).
         await _run_after_commit(opened)
     finally:
         _reset(opened)
+
+
+def _close_without_io(session: Session) -> None:
+    """Close a session that has no transaction, so no connection: that does no I/O, and may do nothing."""
+    # One that holds no object either (a request that only called ``db()``) has
+    # nothing to release: closing it would cost as much again as creating it.
+    if len(session.identity_map) or session.new:
+        session.close()
 
 
 def _reset(opened: _Opened) -> None:
