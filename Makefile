@@ -14,9 +14,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The suite, then the testing kit's own tests again: in random order, on two workers sharing the database.
 test: $(STAMP)
 	$(BIN)/python -m coverage run -m pytest $(PYTEST_ARGS)
 	$(BIN)/python -m coverage report
+	$(BIN)/python -m pytest -q -n 2 --random-order tests/test_testing.py tests/test_pytest_plugin.py
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check src tests examples bench

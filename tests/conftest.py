@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from sqlalchemy.pool import Pool
 from starlette_alchemy import AsyncScopedSession, ScopedSession
 from tests.models import Base
 from tests.support import AnyDB
+
+# pytester runs the pytest plugin's own tests in subprocesses.
+pytest_plugins = ["pytester"]
 
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL")
 
@@ -72,8 +76,7 @@ def transport(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def postgres_schema() -> Iterator[None]:
     """Create the test tables once per run on PostgreSQL; fail loudly if it is unreachable."""
-    assert POSTGRES_URL is not None
-    engine = create_engine(sa.make_url(POSTGRES_URL).set(drivername="postgresql+psycopg"))
+    engine = postgres_engine()
     try:
         with engine.begin() as conn:
             Base.metadata.drop_all(conn)
@@ -83,6 +86,12 @@ def postgres_schema() -> Iterator[None]:
             Base.metadata.drop_all(conn)
     finally:
         engine.dispose()
+
+
+def postgres_engine() -> Engine:
+    """A synchronous engine on the PostgreSQL test database."""
+    assert POSTGRES_URL is not None
+    return create_engine(sa.make_url(POSTGRES_URL).set(drivername="postgresql+psycopg"))
 
 
 @pytest.fixture(params=BACKENDS, ids=lambda b: b.id)
@@ -115,6 +124,15 @@ async def engine(
     Tests marked ``sqlite_savepoints`` get SQLite with working SAVEPOINTs.
     """
     savepoints = request.node.get_closest_marker("sqlite_savepoints") is not None
+    async with engine_for(backend, tmp_path, savepoints=savepoints) as engine:
+        yield engine
+
+
+@asynccontextmanager
+async def engine_for(
+    backend: Backend, tmp_path: Path, *, savepoints: bool = False
+) -> AsyncIterator[Engine | AsyncEngine]:
+    """An engine of the backend's kind; on exit its pool must have every connection checked in."""
     if backend.kind == "sync":
         sync_engine = create_engine(backend.url(tmp_path))
         configure_sqlite(sync_engine, savepoints=savepoints)

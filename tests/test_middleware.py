@@ -227,6 +227,21 @@ async def test_on_commit_failure_can_answer_instead_of_the_500(
         assert conn.scalar(sa.select(sa.func.count()).select_from(Note)) == 0
 
 
+async def test_a_failing_rollback_is_logged_and_the_session_still_closed(
+    engine: Engine | AsyncEngine, inspection_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    class FailingRollback(Session):
+        def rollback(self) -> None:
+            raise RuntimeError("rollback failed")
+
+    async with http_client(make_app(build(engine, FailingRollback), []), "asgi") as client:
+        response = await client.post("/add/refused?status=400")
+    assert response.status_code == 400
+    assert "ROLLBACK on" in caplog.text and "RuntimeError: rollback failed" in caplog.text
+    assert committed_names(inspection_engine) == set()
+    assert checked_out(engine) == 0
+
+
 @pytest.mark.parametrize("backend", SYNC_BACKENDS, indirect=True, ids=lambda b: b.id)
 async def test_sync_endpoint_session_is_committed_and_closed(
     db: AnyDB, engine: Engine | AsyncEngine, inspection_engine: Engine, transport: str

@@ -3,6 +3,7 @@
 Python blocks run in order, each in a fresh namespace unless an
 ``<!-- example: NAME -->`` comment before it names a namespace that earlier
 blocks share. They run in a temporary directory, where their SQLite files go.
+The block named ``pytest`` is a test module: pytest runs it, in random order.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 ROOT = Path(__file__).parent.parent
@@ -34,13 +35,15 @@ def blocks(language: str) -> list[tuple[str | None, int, str]]:
 
 def test_the_readme_has_the_blocks_this_test_expects() -> None:
     assert len(blocks("python")) >= 10
-    assert {name for name, _, _ in blocks("python")} >= {"fastapi", "starlette", "several", None}
+    assert {name for name, _, _ in blocks("python")} >= {"fastapi", "starlette", "several", "pytest", None}
 
 
 def test_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     namespaces: dict[str, dict[str, Any]] = {}
     for name, line, code in blocks("python"):
+        if name == "pytest":
+            continue  # test_the_test_module_passes runs it
         namespace = namespaces.setdefault(name, {}) if name else {}
         namespace.setdefault("__name__", f"readme_{name or line}")
         # dont_inherit: the blocks run without this module's ``from __future__ import annotations``.
@@ -51,6 +54,17 @@ def test_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
                 value.dispose()
             elif isinstance(value, AsyncEngine):
                 assert value.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_the_test_module_passes_and_leaves_the_database_empty(pytester: pytest.Pytester) -> None:
+    ((_, _, code),) = [block for block in blocks("python") if block[0] == "pytest"]
+    pytester.makepyfile(test_items=code)
+    result = pytester.runpytest_subprocess("-p", "random_order", "--random-order")
+    result.assert_outcomes(passed=2)
+    engine = create_engine(f"sqlite:///{pytester.path / 'items.db'}")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM item").scalar() == 0
+    engine.dispose()
 
 
 def test_shell_commands_exist() -> None:

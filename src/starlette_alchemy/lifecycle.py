@@ -96,14 +96,22 @@ class Changes:
         return bool(self.inserted or self.updated or self.deleted)
 
 
+# One call of after-commit work: an after_commit hook with its Changes, or an on_commit callback.
+AfterCommitCall = tuple[Callable[..., Any], tuple[Any, ...]]
+# Takes a committed transaction's Changes and after-commit calls; returns whether they still run.
+Capture = Callable[["Changes", list[AfterCommitCall]], bool]
+
+
 class Hooks:
     """The audit hooks registered on one registry."""
 
-    __slots__ = ("after_commit", "before_commit")
+    __slots__ = ("after_commit", "before_commit", "capture")
 
     def __init__(self) -> None:
         self.before_commit: list[BeforeCommitHook] = []
         self.after_commit: list[AfterCommitHook] = []
+        # Set by ``starlette_alchemy.testing.capture_on_commit()``.
+        self.capture: Capture | None = None
 
 
 class _Write:
@@ -224,7 +232,8 @@ class Collector:
 
     def _committed(self) -> None:
         """The outermost transaction committed: queue its after-commit work, start afresh."""
-        changes = _net(self._journal) if self._hooks.after_commit else Changes()
+        hooks = self._hooks
+        changes = _net(self._journal) if hooks.after_commit or hooks.capture is not None else Changes()
         if changes or self._callbacks:
             self._ready.append((changes, self._callbacks))
         self._journal = []
@@ -264,14 +273,14 @@ class Collector:
                 if inspect.isawaitable(result):
                     await result
 
-    def _take_ready(self) -> Iterator[tuple[Callable[..., Any], tuple[Any, ...]]]:
+    def _take_ready(self) -> Iterator[AfterCommitCall]:
         ready, self._ready = self._ready, []
         for changes, callbacks in ready:
-            if changes:
-                for hook in self._hooks.after_commit:
-                    yield hook, (changes,)
-            for callback in callbacks:
-                yield callback, ()
+            calls: list[AfterCommitCall] = [(hook, (changes,)) for hook in self._hooks.after_commit] if changes else []
+            calls += [(callback, ()) for callback in callbacks]
+            capture = self._hooks.capture
+            if capture is None or capture(changes, calls):
+                yield from calls
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from contextvars import ContextVar, Token
 from typing import Any, Generic, TypeVar, overload
 
 import anyio
-from sqlalchemy import Engine, event
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_scoped_session, async_sessionmaker
 from sqlalchemy.orm import ORMExecuteState, Session, scoped_session, sessionmaker
 from sqlalchemy.util import ScopedRegistry
@@ -381,8 +381,9 @@ def _commit_or_discard(session: Session) -> None:
     try:
         session.commit()
     except Exception:
-        with _log_errors("discarding the connection after a failed COMMIT"):
-            session.invalidate()
+        if _owns_connection(session):
+            with _log_errors("discarding the connection after a failed COMMIT"):
+                session.invalidate()
         raise
 
 
@@ -391,9 +392,19 @@ async def _acommit_or_discard(session: AsyncSession) -> None:
     try:
         await session.commit()
     except Exception:
-        with anyio.CancelScope(shield=True), _log_errors("discarding the connection after a failed COMMIT"):
-            await session.invalidate()
+        if _owns_connection(session.sync_session):
+            with anyio.CancelScope(shield=True), _log_errors("discarding the connection after a failed COMMIT"):
+                await session.invalidate()
         raise
+
+
+def _owns_connection(session: Session) -> bool:
+    """False if *session* is bound to a ``Connection`` that its caller opened and must discard or keep itself.
+
+    Such a session (``testing.rolled_back()`` makes them) only joined the
+    connection's transaction, so closing it afterwards rolls back what it did.
+    """
+    return not isinstance(session.bind, Connection)
 
 
 def _close(session: Session | None) -> None:
