@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message
 
 
 async def request(app: ASGIApp, method: str = "GET", path: str = "/") -> int:
-    """Call *app* directly with a hand-built HTTP scope; return the response status."""
+    """Call *app* directly with a hand-built HTTP scope; return the response status (500 if the app raised)."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -40,7 +40,12 @@ async def request(app: ASGIApp, method: str = "GET", path: str = "/") -> int:
         if message["type"] == "http.response.start":
             status = message["status"]
 
-    await app(scope, receive, send)
+    try:
+        await app(scope, receive, send)
+    except Exception:
+        # What a server does: Starlette's error middleware has sent its 500 and re-raises
+        # for the server to log. Raising here would cancel every concurrent request.
+        return status or 500
     return status
 
 

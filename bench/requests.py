@@ -1,10 +1,11 @@
 """What the integration costs per request, next to bare Starlette and hand-written sessions.
 
-Run ``make bench`` (``BENCH_ARGS=--quick`` for a run under a minute). Apps are
-called in process by ``bench.driver.request``, sequentially and 50 at a time
-(the run through uvicorn that the benchmark's issue also asks for is not built
-yet). Every ratio pairs
-two variants within one round of interleaved rounds and is reported as the
+Run ``make bench`` (``BENCH_ARGS=--quick`` for a run under a minute). Each
+database is measured three ways: apps called in process by
+``bench.driver.request`` (no HTTP client in the loop), sequentially and 50 at a
+time; the same apps behind uvicorn processes on 127.0.0.1, driven by the load
+generator of ``bench.http`` over 1 and 50 connections; and a soak. Every ratio
+pairs two variants within one round of interleaved rounds and is reported as the
 median over rounds; the targets are those of the benchmark's issue.
 """
 
@@ -18,7 +19,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +34,10 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bench.driver import databases, request
+from bench.http import out_of_process
 from bench.models import Row, recreate
 from starlette_alchemy import AsyncScopedSession, DBSessionMiddleware, ScopedSession
 
@@ -47,7 +51,7 @@ def ok() -> Response:
     return Response(b"ok", media_type="text/plain")
 
 
-def bare(kind: str, url: str) -> ASGIApp:
+def bare(kind: str, url: str) -> Starlette:
     """Starlette with no database at all: the floor."""
 
     async def endpoint_async(request: Request) -> Response:
@@ -58,6 +62,23 @@ def bare(kind: str, url: str) -> ASGIApp:
 
     endpoint = endpoint_async if kind == "async" else endpoint_sync
     return Starlette(routes=[Route(f"/{name}", endpoint, methods=["GET", "POST"]) for name in WORKLOADS])
+
+
+class PassThrough:
+    """A pure ASGI middleware that only calls the app: what any middleware costs at the least."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def pass_through(kind: str, url: str) -> ASGIApp:
+    """Bare Starlette behind ``PassThrough``: the floor for any middleware, ours included."""
+    app = bare(kind, url)
+    app.add_middleware(PassThrough)
+    return app
 
 
 def hand_written(kind: str, url: str) -> ASGIApp:
@@ -157,36 +178,45 @@ def ours(kind: str, url: str, *, track: bool) -> ASGIApp:
     )
 
 
-def variants(kind: str, url: str) -> dict[str, ASGIApp]:
-    return {
-        "bare": bare(kind, url),
-        "hand": hand_written(kind, url),
-        "ours-off": ours(kind, url, track=False),
-        "ours-on": ours(kind, url, track=True),
-    }
+# Every variant, by name: a function of (kind, url) that builds its app.
+VARIANTS: dict[str, Callable[[str, str], ASGIApp]] = {
+    "bare": bare,
+    "pass": pass_through,
+    "hand": hand_written,
+    "ours-off": partial(ours, track=False),
+    "ours-on": partial(ours, track=True),
+}
 
 
 # -- measuring ----------------------------------------------------------------------------
 
 
-async def burst(app: ASGIApp, path: str, count: int, concurrency: int) -> float:
-    """Seconds to serve *count* requests to *path*, *concurrency* at a time."""
+async def burst(app: ASGIApp, path: str, count: int, concurrency: int) -> tuple[float, int]:
+    """Serve *count* requests to *path* in process, *concurrency* at a time: seconds per request, and failures."""
     gc.collect()
+    failed = 0
+
+    async def serve(requests: int) -> None:
+        nonlocal failed
+        for _ in range(requests):
+            failed += not 200 <= await request(app, "POST", path) < 300
+
     started = time.perf_counter()
-    if concurrency == 1:
-        for _ in range(count):
-            await request(app, "POST", path)
-    else:
-        per_worker = count // concurrency
+    async with anyio.create_task_group() as tg:
+        for _ in range(concurrency):
+            tg.start_soon(serve, count // concurrency)
+    return (time.perf_counter() - started) / count, failed
 
-        async def worker() -> None:
-            for _ in range(per_worker):
-                await request(app, "POST", path)
 
-        async with anyio.create_task_group() as tg:
-            for _ in range(concurrency):
-                tg.start_soon(worker)
-    return time.perf_counter() - started
+async def timed(app: ASGIApp, path: str, count: int, concurrency: int) -> float:
+    """Seconds per request of a ``burst()`` in which every request succeeded."""
+    seconds, failed = await burst(app, path, count, concurrency)
+    if failed:
+        raise RuntimeError(f"{failed} of {count} requests to {path} failed, so the timing means nothing; see the log.")
+    return seconds
+
+
+Figure = tuple[str, float, bool]  # label, value, met
 
 
 @dataclass
@@ -197,22 +227,30 @@ class Target:
     workload: str
     candidate: str
     baseline: str
-    limit: float
+    limit: float | None  # None: a reference figure, reported but not judged
     kind: str = "throughput"  # "throughput": baseline time / candidate time >= limit; "slower": <= limit; "added-us"
 
-    def value(self, times: dict[str, list[float]], count: int) -> float:
+    def value(self, times: dict[str, list[float]]) -> float:
+        """The median over rounds of this round's comparison, from seconds per request."""
         pairs = zip(times[self.baseline], times[self.candidate], strict=True)
         if self.kind == "throughput":
             return statistics.median(b / c for b, c in pairs)
         if self.kind == "slower":
             return statistics.median(c / b for b, c in pairs)
-        return statistics.median((c - b) / count * 1e6 for b, c in pairs)
+        return statistics.median((c - b) * 1e6 for b, c in pairs)
 
     def met(self, value: float) -> bool:
+        if self.limit is None:
+            return True
         return value >= self.limit if self.kind == "throughput" else value <= self.limit
+
+    def judge(self, times: dict[str, list[float]]) -> Figure:
+        value = self.value(times)
+        return self.label, value, self.met(value)
 
 
 TARGETS = [
+    Target("w0: pass-through middleware / bare (reference)", "w0", "pass", "bare", None),
     Target("w0: ours (tracking on) / bare Starlette, throughput", "w0", "ours-on", "bare", 0.97),
     Target("touch: microseconds added over hand-written", "touch", "ours-on", "hand", 15.0, "added-us"),
     Target("w1: ours / hand-written, throughput", "w1", "ours-on", "hand", 0.95),
@@ -221,31 +259,41 @@ TARGETS = [
 ]
 
 
-async def in_process(kind: str, url: str, rounds: int, count: int, concurrency: int) -> list[tuple[str, float, bool]]:
-    """Interleaved rounds over every variant a target needs; one row per target."""
-    apps = variants(kind, url)
-    results = []
+async def in_process(kind: str, url: str, rounds: int, count: int, concurrency: int) -> list[Figure]:
+    """Interleaved rounds over the two variants of each target, called in process; one row per target."""
+    apps = {name: build(kind, url) for name, build in VARIANTS.items()}
+    rows = []
     for target in TARGETS:
         path = f"/{target.workload}"
         names = [target.baseline, target.candidate]
         times: dict[str, list[float]] = {name: [] for name in names}
         for name in names:
-            await burst(apps[name], path, max(count // 10, concurrency), concurrency)  # warm up
+            await timed(apps[name], path, max(count // 10, concurrency), concurrency)  # warm up
         for round_ in range(rounds):
             for name in names if round_ % 2 == 0 else reversed(names):
-                times[name].append(await burst(apps[name], path, count, concurrency))
-        value = target.value(times, count)
-        results.append((target.label, value, target.met(value)))
-    return results
+                times[name].append(await timed(apps[name], path, count, concurrency))
+        rows.append(target.judge(times))
+    return rows
 
 
-async def soak(kind: str, url: str, count: int) -> list[tuple[str, float, bool]]:
-    """*count* w2 requests through ours: RSS growth, live sessions and checked-out connections after."""
+async def through_uvicorn(
+    kind: str, url: str, rounds: int, count: int, connections: int, deadline: float
+) -> tuple[list[Figure], dict[str, dict[str, list[float]]]]:
+    """Interleaved rounds over every variant, each served by its own uvicorn; target rows and the raw times."""
+    times = await out_of_process(
+        kind, url, rounds, count, connections, variants=VARIANTS, workloads=WORKLOADS, deadline=deadline
+    )
+    return [target.judge(times[target.workload]) for target in TARGETS], times
+
+
+async def soak(kind: str, url: str, count: int) -> list[Figure]:
+    """*count* w2 requests through ours, 50 at a time: RSS growth, live sessions and checked-out connections after."""
     app = ours(kind, url, track=True)
-    await burst(app, "/w2", 500, 1)  # warm up: pools, caches, lazy imports
+    await timed(app, "/w2", 500, 1)  # warm up: pools, caches, lazy imports
     gc.collect()
     before = _rss_mb()
-    await burst(app, "/w2", count, 50)
+    # Failures count too: what a failed COMMIT leaves behind must be released as well.
+    _, failed = await burst(app, "/w2", count, 50)
     gc.collect()
     growth = _rss_mb() - before
     sessions = sum(1 for obj in gc.get_objects() if isinstance(obj, Session))
@@ -253,6 +301,7 @@ async def soak(kind: str, url: str, count: int) -> list[tuple[str, float, bool]]
     bind = registry.session_factory.kw["bind"]
     pool = (bind.sync_engine if hasattr(bind, "sync_engine") else bind).pool
     return [
+        ("soak: failed requests (reference)", failed, True),
         (f"soak: RSS growth after {count:,} requests (MB)", growth, growth < 5),
         ("soak: live Session objects", sessions, sessions == 0),
         ("soak: connections checked out", pool.checkedout(), pool.checkedout() == 0),
@@ -264,28 +313,62 @@ def _rss_mb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def report(title: str, rows: list[tuple[str, float, bool]], limits: dict[str, str]) -> int:
+LIMITS = {t.label: (">= " if t.kind == "throughput" else "<= ") + str(t.limit) for t in TARGETS if t.limit}
+
+
+def report(title: str, rows: list[Figure]) -> int:
+    """Print one row per target; return how many missed."""
     print(f"\n{title}")
-    missed = 0
     for label, value, met in rows:
-        missed += not met
-        print(f"  {label:<58} {value:>9.3f}  {limits.get(label, ''):>8}  {'ok' if met else 'MISSED'}")
-    return missed
+        print(f"  {label:<58} {value:>9.3f}  {LIMITS.get(label, ''):>8}  {'ok' if met else 'MISSED'}")
+    return sum(not met for _, _, met in rows)
 
 
-async def main(quick: bool) -> int:
-    rounds, count, soak_count = (4, 200, 2_000) if quick else (10, 1_000, 10_000)
-    limits = {t.label: (">= " if t.kind == "throughput" else "<= ") + str(t.limit) for t in TARGETS}
+def report_times(times: dict[str, dict[str, list[float]]]) -> None:
+    """Print the median microseconds per request of every variant on every workload, for scale."""
+    variants = list(next(iter(times.values())))
+    print(f"  {'median us/request':<20}" + "".join(f"{name:>10}" for name in variants))
+    for workload, by_variant in times.items():
+        print(f"  {workload:<20}" + "".join(f"{statistics.median(by_variant[n]) * 1e6:>10.1f}" for n in variants))
+
+
+@dataclass
+class Plan:
+    """How much of each kind of measurement one run makes."""
+
+    rounds: int
+    count: int  # requests per round and variant, in process
+    http_rounds: int
+    http_count: int  # requests per load through uvicorn, unless the deadline comes first
+    http_deadline: float  # seconds per load through uvicorn
+    soak: int
+
+
+QUICK = Plan(rounds=3, count=100, http_rounds=2, http_count=100, http_deadline=0.1, soak=1_000)
+FULL = Plan(rounds=10, count=1_000, http_rounds=8, http_count=1_000, http_deadline=0.5, soak=10_000)
+
+
+async def main(plan: Plan) -> int:
     missed = 0
     started = time.monotonic()
+    # What is imported stays: each gc.collect() before a timed run then scans only what the run allocated.
+    gc.freeze()
     with tempfile.TemporaryDirectory() as directory:
         for label, kind, url in databases(Path(directory)):
             recreate(url)
             for concurrency in (1, 50):
-                rows = await in_process(kind, url, rounds, count, concurrency)
+                rows = await in_process(kind, url, plan.rounds, plan.count, concurrency)
                 mode = "sequential" if concurrency == 1 else f"{concurrency} concurrent"
-                missed += report(f"{label}, in process, {mode} ({rounds} rounds x {count} requests)", rows, limits)
-            missed += report(f"{label}, soak", await soak(kind, url, soak_count), {})
+                missed += report(f"{label}, in process, {mode} ({plan.rounds} rounds x {plan.count} requests)", rows)
+            for connections in (1, 50):
+                rows, times = await through_uvicorn(
+                    kind, url, plan.http_rounds, plan.http_count, connections, plan.http_deadline
+                )
+                mode = "sequential" if connections == 1 else f"{connections} connections"
+                loads = f"{plan.http_rounds} rounds x {plan.http_count} requests or {plan.http_deadline} s"
+                missed += report(f"{label}, through uvicorn, {mode} ({loads})", rows)
+                report_times(times)
+            missed += report(f"{label}, soak", await soak(kind, url, plan.soak))
     print(f"\n{time.monotonic() - started:.0f} s; {'all targets met' if not missed else f'{missed} MISSED'}")
     return 1 if missed else 0
 
@@ -293,4 +376,4 @@ async def main(quick: bool) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and requests: under a minute")
-    sys.exit(asyncio.run(main(parser.parse_args().quick)))
+    sys.exit(asyncio.run(main(QUICK if parser.parse_args().quick else FULL)))
