@@ -192,20 +192,41 @@ async def test_a_committed_row_the_app_changes_comes_back(db: AnyDB, transport: 
     # The engine fixture checks that the row is back, unchanged.
 
 
-async def test_scopes_and_before_commit_hooks_join_the_test_transaction(db: AnyDB, tag: str) -> None:
+async def test_scopes_and_hooks_join_the_test_transaction(db: AnyDB, tag: str) -> None:
     @db.before_commit
     def audit(session: Session, changes: Changes) -> None:
         session.add_all(AuditLog(entity=tag, identity=str(c.identity), op=c.op, diff={}) for c in changes)
+
+    # An after-commit hook that writes in a scope of its own (an outbox, say).
+    if isinstance(db, AsyncScopedSession):
+        async_db = db
+
+        @async_db.after_commit
+        async def outbox(changes: Changes) -> None:
+            if any(change.entity is Item for change in changes):
+                async with async_db.scope():
+                    async_db.add(AuditLog(entity=tag, identity="", op="outbox", diff={}))
+
+    else:
+        sync_db = db
+
+        @sync_db.after_commit
+        def sync_outbox(changes: Changes) -> None:
+            if any(change.entity is Item for change in changes):
+                with sync_db.scope():
+                    sync_db.add(AuditLog(entity=tag, identity="", op="outbox", diff={}))
 
     async with bound(db) as connection:
         async with scope(db):
             db.add(Item(name=f"{tag}-scoped"))
         assert await names_through(connection, tag) == [f"{tag}-scoped"]
-        query = sa.select(AuditLog.op).where(AuditLog.entity == tag)
+        query = sa.select(AuditLog.op).where(AuditLog.entity == tag).order_by(AuditLog.id)
         audited = (
             await connection.scalars(query) if isinstance(connection, AsyncConnection) else connection.scalars(query)
         )
-        assert list(audited) == ["insert"]
+        # The outbox row's own commit was audited too: audit rows are not Items, so no second outbox row.
+        assert list(audited) == ["insert", "outbox", "insert"]
+    # The engine fixture checks that none of it was committed.
 
 
 async def test_the_registry_is_unbound_afterwards(db: AnyDB, tag: str) -> None:
