@@ -30,8 +30,12 @@ __all__ = ["UNKNOWN", "Change", "Changes", "Collector", "Hooks"]
 
 logger = logging.getLogger("starlette_alchemy")
 
-# Where a tracked session keeps the Collector of the scope that owns it.
+# Where a tracked session keeps the Collector of the scope that owns it, once there is one;
+# the function that creates it on first use (a scope that never writes needs none);
+# and the registry's Hooks.
 _COLLECTOR_KEY = "starlette_alchemy.collector"
+_TRACKER_KEY = "starlette_alchemy.tracker"
+_HOOKS_KEY = "starlette_alchemy.hooks"
 
 Op = Literal["insert", "update", "delete"]
 Callback = Callable[[], None | Awaitable[None]]
@@ -477,11 +481,22 @@ class _TrackedSession(Session):
 
 
 def _collector(session: Session) -> Collector | None:
+    """The scope's collector, if it has one yet."""
     return session.info.get(_COLLECTOR_KEY)
 
 
+def _recorder(session: Session) -> Collector | None:
+    """The scope's collector, created now if need be: something is about to be recorded."""
+    collector = session.info.get(_COLLECTOR_KEY)
+    if collector is None:
+        tracker = session.info.get(_TRACKER_KEY)
+        if tracker is not None:
+            collector = tracker()
+    return collector
+
+
 def _left_session(session: Session, state: InstanceState[Any]) -> None:
-    collector = _collector(session)
+    collector = _recorder(session)
     if collector is not None:
         collector._left.add(state)
 
@@ -496,7 +511,7 @@ for _transition in ("persistent_to_deleted", "persistent_to_detached", "deleted_
 
 @event.listens_for(_TrackedSession, "after_flush")
 def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
-    collector = _collector(session)
+    collector = _recorder(session)
     if collector is not None:
         _record_flush(collector, flush_context)
 
@@ -505,7 +520,7 @@ def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
 def _bulk_statement(execute_state: ORMExecuteState) -> Any:
     if not execute_state.is_orm_statement or not execute_state.statement.is_dml:
         return None
-    collector = _collector(execute_state.session)
+    collector = _recorder(execute_state.session)
     if collector is None:
         return None
     # Run the statement now, so it is journaled only if it succeeded.
@@ -517,22 +532,23 @@ def _bulk_statement(execute_state: ORMExecuteState) -> Any:
 @event.listens_for(_TrackedSession, "after_transaction_create")
 def _transaction_created(session: Session, transaction: SessionTransaction) -> None:
     if transaction.nested:
-        collector = _collector(session)
+        collector = _recorder(session)
         if collector is not None:
             collector._savepoint_begun(transaction)
 
 
 @event.listens_for(_TrackedSession, "before_commit")
 def _before_commit(session: Session) -> None:
-    collector = _collector(session)
+    hooks: Hooks | None = session.info.get(_HOOKS_KEY)
     # before_commit fires for a SAVEPOINT release too; the hooks run for the outermost COMMIT only.
-    if collector is None or not collector._hooks.before_commit or session.in_nested_transaction():
+    if hooks is None or not hooks.before_commit or session.in_nested_transaction():
         return
     # The hooks see the final state: flush first. What they add is flushed by commit() itself.
     session.flush()
-    changes = collector.changes()
+    collector = _collector(session)  # none yet: nothing was ever written
+    changes = collector.changes() if collector is not None else Changes()
     if changes:
-        for hook in collector._hooks.before_commit:
+        for hook in hooks.before_commit:
             hook(session, changes)
 
 

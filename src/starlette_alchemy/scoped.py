@@ -16,7 +16,16 @@ from sqlalchemy.orm import ORMExecuteState, Session, scoped_session, sessionmake
 from sqlalchemy.util import ScopedRegistry
 
 from .exceptions import NoActiveScopeError, SessionSealedError, TrackingDisabledError
-from .lifecycle import AfterCommitHook, BeforeCommitHook, Callback, Collector, Hooks, _TrackedSession
+from .lifecycle import (
+    _HOOKS_KEY,
+    _TRACKER_KEY,
+    AfterCommitHook,
+    BeforeCommitHook,
+    Callback,
+    Collector,
+    Hooks,
+    _TrackedSession,
+)
 
 __all__ = ["AsyncScopedSession", "ContextVarRegistry", "ScopeState", "ScopedSession"]
 
@@ -64,11 +73,13 @@ class ScopeState(Generic[_T]):
         self.collector: Collector | None = None
 
     def tracker(self) -> Collector:
-        """Return this scope's collector, creating it on first use."""
+        """Return this scope's collector, creating it on first use (a scope that never writes needs none)."""
         if self.collector is None:
             if self.hooks is None:
                 raise TrackingDisabledError(_UNTRACKED)
             self.collector = Collector(self.hooks)
+            if self.session is not None:
+                self.collector._attach(_sync(self.session))
         return self.collector
 
 
@@ -107,7 +118,11 @@ class ContextVarRegistry(ScopedRegistry[_T]):
         state = self.current()
         obj.info[_STATE_KEY] = state
         if state.hooks is not None:
-            state.tracker()._attach(obj.sync_session if isinstance(obj, AsyncSession) else obj)
+            # The listeners create the collector when there is something to record.
+            obj.info[_TRACKER_KEY] = state.tracker
+            obj.info[_HOOKS_KEY] = state.hooks
+            if state.collector is not None:
+                state.collector._attach(_sync(obj))
         state.session = obj
 
     def clear(self) -> None:
@@ -308,6 +323,10 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
             if state.collector is not None:
                 state.collector._settle(committed=committed)
                 await state.collector._arun_ready()
+
+
+def _sync(session: Session | AsyncSession) -> Session:
+    return session.sync_session if isinstance(session, AsyncSession) else session
 
 
 def _name(function: Callable[..., Any]) -> str:
