@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .exceptions import CommitFailedError
-from .scoped import AsyncScopedSession, ScopedSession, ScopeState, _acommit_or_discard, _commit_or_discard
+from .scoped import AsyncScopedSession, ScopedSession, ScopeState, _acommit_or_discard, _commit_or_discard, _sync
 
 __all__ = ["DBSessionMiddleware"]
 
@@ -208,7 +208,7 @@ async def _close(opened: _Opened) -> None:
                     with anyio.CancelScope(shield=True):
                         await _run(session, "close")
                 else:
-                    _close_without_io(session.sync_session if isinstance(session, AsyncSession) else session)
+                    _close_without_io(_sync(session))
         # For commits made after the response started (a WebSocket handler's, say).
         await _run_after_commit(opened)
     finally:
