@@ -212,13 +212,6 @@ def servers(kind: str, url: str, variants: Iterable[str]) -> Iterator[dict[str, 
             server.stop()
 
 
-@contextmanager
-def served(variant: str, kind: str, url: str) -> Iterator[Server]:
-    """One uvicorn process serving *variant*, accepting connections on ``Server.port``; stopped on exit."""
-    with servers(kind, url, [variant]) as running:
-        yield running[variant]
-
-
 # -- measuring ----------------------------------------------------------------------------
 
 

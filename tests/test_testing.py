@@ -37,7 +37,7 @@ from starlette_alchemy import (
 from starlette_alchemy.testing import arolled_back, assert_changes, capture_on_commit, rolled_back
 from tests.conftest import ASYNC_BACKENDS, SQLITE_BACKENDS, Backend, engine_for, postgres_engine
 from tests.models import AuditLog, Base, Item
-from tests.support import AnyDB, http_client, run, scope
+from tests.support import AnyDB, http_client, resolve, run, scope
 
 pytestmark = pytest.mark.anyio
 
@@ -107,9 +107,7 @@ async def bound(db: AnyDB) -> AsyncIterator[Connection | AsyncConnection]:
 async def names_through(connection: Connection | AsyncConnection, tag: str) -> list[str]:
     """The names starting with *tag* that *connection* sees, sorted."""
     query = sa.select(Item.name).where(Item.name.startswith(tag)).order_by(Item.name)
-    if isinstance(connection, AsyncConnection):
-        return list(await connection.scalars(query))
-    return list(connection.scalars(query))
+    return list(await resolve(connection.scalars(query)))
 
 
 def make_app(db: AnyDB, events: list[str]) -> Starlette:
@@ -221,9 +219,7 @@ async def test_scopes_and_hooks_join_the_test_transaction(db: AnyDB, tag: str) -
             db.add(Item(name=f"{tag}-scoped"))
         assert await names_through(connection, tag) == [f"{tag}-scoped"]
         query = sa.select(AuditLog.op).where(AuditLog.entity == tag).order_by(AuditLog.id)
-        audited = (
-            await connection.scalars(query) if isinstance(connection, AsyncConnection) else connection.scalars(query)
-        )
+        audited = await resolve(connection.scalars(query))
         # The outbox row's own commit was audited too: audit rows are not Items, so no second outbox row.
         assert list(audited) == ["insert", "outbox", "insert"]
     # The engine fixture checks that none of it was committed.
@@ -238,10 +234,7 @@ async def test_the_registry_is_unbound_afterwards(db: AnyDB, tag: str) -> None:
 
 async def test_a_test_may_lose_the_connection(db: AnyDB) -> None:
     async with bound(db) as connection:
-        if isinstance(connection, AsyncConnection):
-            await connection.invalidate()
-        else:
-            connection.invalidate()
+        await resolve(connection.invalidate())
 
 
 @pytest.mark.parametrize("backend", SQLITE_BACKENDS, indirect=True, ids=lambda b: b.id)
@@ -250,10 +243,7 @@ async def test_a_test_that_ends_the_outer_transaction_is_told_what_it_committed(
 ) -> None:
     with pytest.raises(RuntimeError, match="Something was committed for real on the test's connection"):
         async with bound(db) as connection:
-            if isinstance(connection, AsyncConnection):
-                await connection.rollback()
-            else:
-                connection.rollback()
+            await resolve(connection.rollback())
             # The connection is in no transaction now, so the scope's session begins and commits one of its own.
             async with scope(db):
                 db.add(Item(name=f"{tag}-committed"))
