@@ -356,7 +356,7 @@ class Plan:
     soak: int
 
 
-QUICK = Plan(rounds=3, count=80, http_rounds=2, http_count=80, http_deadline=0.08, soak=1_000)
+QUICK = Plan(rounds=2, count=60, http_rounds=2, http_count=60, http_deadline=0.05, soak=500)
 FULL = Plan(rounds=10, count=1_000, http_rounds=8, http_count=1_000, http_deadline=0.5, soak=10_000)
 
 
