@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from inspect import isawaitable, iscoroutinefunction
 from typing import Any, TypeVar
@@ -16,7 +18,9 @@ import uvicorn
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.types import ASGIApp
+from sqlalchemy.util import await_
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from starlette_alchemy import AsyncScopedSession, ScopedSession
 from tests.models import Item
@@ -102,3 +106,86 @@ async def http_client(app: ASGIApp, transport: str) -> AsyncIterator[httpx.Async
     else:
         async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
             yield client
+
+
+@contextmanager
+def slow_commits(engine: Engine | AsyncEngine) -> Iterator[None]:
+    """Let a connection ask for its next COMMIT's reply to come late: ``delay_commit(connection, seconds)``.
+
+    The delay comes after the driver's commit returned, so the database has
+    committed and only the answer is late: a cancellation that lands meanwhile
+    lands while COMMIT is in flight, as a slow network or a busy server makes it.
+    """
+    dialect = engine.sync_engine.dialect if isinstance(engine, AsyncEngine) else engine.dialect
+    original = dialect.do_commit
+
+    def do_commit(dbapi_connection: Any) -> None:
+        original(dbapi_connection)
+        seconds = dbapi_connection.info.pop(_COMMIT_DELAY, 0)
+        if seconds and dialect.is_async:
+            await_(asyncio.sleep(seconds))  # inside SQLAlchemy's greenlet: the event loop goes on
+        elif seconds:
+            time.sleep(seconds)  # a sync session commits in a worker thread
+
+    dialect.do_commit = do_commit  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del dialect.do_commit
+
+
+_COMMIT_DELAY = "tests.commit_delay"
+
+
+async def delay_commit(db: AnyDB, seconds: float) -> None:
+    """Make the current scope's COMMIT answer *seconds* late (see ``slow_commits()``)."""
+    connection: Any = await resolve(db.connection())
+    connection.info[_COMMIT_DELAY] = seconds
+
+
+class OuterTimeout:
+    """What deployments wrap apps in: cancel the request after *seconds*, answer 504 if nothing was sent yet.
+
+    ``kind`` is "asyncio" (``asyncio.timeout``, a plain task cancellation) or
+    "anyio" (``anyio.fail_after``, a cancel scope).
+    """
+
+    def __init__(self, app: ASGIApp, *, seconds: float, kind: str) -> None:
+        self.app = app
+        self.seconds = seconds
+        self.kind = kind
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            if self.kind == "asyncio":
+                async with asyncio.timeout(self.seconds):
+                    await self.app(scope, receive, send_noting_start)
+            else:
+                with anyio.fail_after(self.seconds):
+                    await self.app(scope, receive, send_noting_start)
+        except TimeoutError:
+            if not started:
+                await PlainTextResponse("timed out", status_code=504)(scope, receive, send)
+
+
+def idle_in_transaction(inspection_engine: Engine) -> int:
+    """The test's PostgreSQL backends left 'idle in transaction'; 0 on SQLite."""
+    if inspection_engine.dialect.name != "postgresql":
+        return 0
+    with inspection_engine.connect() as conn:
+        return conn.scalar(  # type: ignore[no-any-return]
+            sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()"
+            )
+        )

@@ -85,9 +85,8 @@ def make_app(db: AnyDB, events: list[str], **options: Any) -> Starlette:
         async def body() -> AsyncIterator[str]:
             names = await run(db.scalars, sa.select(Item.name))
             yield f"read {sorted(names)}\n"
-            db.add(Item(name="written after start"))
             try:
-                await run(db.flush)
+                db.add(Item(name="written after start"))
             except SessionSealedError as exc:
                 events.append(str(exc))
                 yield "sealed\n"
@@ -110,7 +109,6 @@ def make_app(db: AnyDB, events: list[str], **options: Any) -> Starlette:
         async def task() -> None:
             try:
                 db.add(Item(name="background through the request"))
-                await run(db.flush)
             except SessionSealedError:
                 events.append("background sealed")
             async with scope(db):
@@ -563,7 +561,7 @@ async def test_soak_leaves_no_connection_or_session_behind(
 ) -> None:
     import gc
 
-    from starlette_alchemy.scoped import _ScopeSession
+    from starlette_alchemy.sessions import _ScopeSession
 
     # pytest keeps every log record, and a record's traceback holds a failed request's session.
     for name in ("starlette_alchemy", "uvicorn.error"):

@@ -7,6 +7,7 @@ in ``session.info``: no per-session ``event.listen``, nothing on ``Session``.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import weakref
@@ -275,7 +276,9 @@ class Collector:
             with _logged(function):
                 result = function(*argument)
                 if inspect.isawaitable(result):
-                    await result
+                    # In a task of its own, which the hook's own timeouts may cancel: the
+                    # caller runs this where nothing else can (shield.run_to_completion).
+                    await asyncio.ensure_future(result)
 
     def _take_ready(self) -> Iterator[AfterCommitCall]:
         ready, self._ready = self._ready, []
@@ -294,6 +297,9 @@ def _logged(function: Callable[..., Any]) -> Iterator[None]:
         yield
     except Exception:
         logger.exception("After-commit hook %r failed; the transaction had committed.", function)
+    except asyncio.CancelledError:
+        # Only the hook's own task can be cancelled here: asyncio.run() cancels every task at exit.
+        logger.error("After-commit hook %r was cancelled; the transaction had committed.", function)
 
 
 class _WeakStateSet:

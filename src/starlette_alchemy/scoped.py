@@ -3,33 +3,33 @@
 from __future__ import annotations
 
 import inspect
-import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar, Token
 from typing import Any, Generic, TypeVar, overload
 
-import anyio
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_scoped_session, async_sessionmaker
-from sqlalchemy.orm import ORMExecuteState, Session, scoped_session, sessionmaker
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from sqlalchemy.util import ScopedRegistry
 
-from .exceptions import NoActiveScopeError, SessionSealedError, TrackingDisabledError
-from .lifecycle import (
-    _HOOKS_KEY,
-    _TRACKER_KEY,
-    AfterCommitHook,
-    BeforeCommitHook,
-    Callback,
-    Collector,
-    Hooks,
-    _TrackedSession,
+from .exceptions import NoActiveScopeError, TrackingDisabledError
+from .lifecycle import _HOOKS_KEY, _TRACKER_KEY, AfterCommitHook, BeforeCommitHook, Callback, Collector, Hooks
+from .sessions import (
+    _ENDED,
+    _STATE_KEY,
+    aclose_or_discard,
+    acommit_or_discard,
+    async_factory,
+    close_or_discard,
+    commit_or_discard,
+    log_errors,
+    sync_factory,
 )
+from .shield import run_to_completion
 
 __all__ = ["AsyncScopedSession", "ContextVarRegistry", "ScopeState", "ScopedSession"]
-
-logger = logging.getLogger("starlette_alchemy")
 
 _T = TypeVar("_T", bound=Session | AsyncSession)
 _S = TypeVar("_S", bound=Session)
@@ -38,10 +38,6 @@ _AS = TypeVar("_AS", bound=AsyncSession)
 _NO_SCOPE = (
     "No database scope is active, so there is no session to use. "
     "Add 'DBSessionMiddleware' to the app, or open a scope with '{opener} db.scope():'."
-)
-_SEALED = (
-    "The response has already started, so this request's session is sealed and may not write. "
-    "Write in a scope of its own: 'with db.scope():' ('async with' for AsyncScopedSession)."
 )
 _UNTRACKED = (
     "Change tracking is off for this registry, so it has no collector, hooks or 'on_commit'. "
@@ -55,22 +51,43 @@ _SYNC_HOOK = (
     "{name!r} is a coroutine function, but a 'ScopedSession' runs its hooks synchronously. "
     "Register a plain function, or use 'AsyncScopedSession'."
 )
-# Where a session created by a registry keeps the ScopeState that owns it.
-_STATE_KEY = "starlette_alchemy.scope"
 
 
 class ScopeState(Generic[_T]):
     """The mutable holder that one scope keeps in a registry's ContextVar."""
 
-    __slots__ = ("collector", "doomed", "hooks", "sealed", "session")
+    __slots__ = ("collector", "doomed", "ended", "hooks", "origin", "raw_sql", "sealed", "session")
 
-    def __init__(self, hooks: Hooks | None = None) -> None:
+    def __init__(self, hooks: Hooks | None = None, origin: MutableMapping[str, Any] | str | None = None) -> None:
         self.session: _T | None = None
         self.doomed = False
+        # Sealed: the response started, so the session may read but not write. Ended: it may not be used at all.
         self.sealed = False
+        self.ended = False
+        # Raw SQL ran while sealed: what it left open is rolled back at close, with a warning.
+        self.raw_sql = False
+        # Who opened the scope, for messages: the request's ASGI scope, or a description.
+        self.origin = origin
         # Change tracking: the registry's hooks, and this scope's collector, made on first use.
         self.hooks = hooks
         self.collector: Collector | None = None
+
+    def describe(self) -> str:
+        """Name the scope for log messages: the request's route, or where ``db.scope()`` was opened."""
+        origin = self.origin
+        if isinstance(origin, str) or origin is None:
+            return origin or "a scope"
+        return route_name(origin)
+
+    def end(self) -> tuple[_T | None, Collector | None]:
+        """End the scope: from now on its session and registry refuse every use. Return and let go of both."""
+        self.sealed = self.ended = True
+        ended = self.session, self.collector
+        # Copies of the scope's context outlive it (an idle worker thread keeps its
+        # last one): the holder they share must not keep the session alive.
+        self.session = None
+        self.collector = None
+        return ended
 
     def tracker(self) -> Collector:
         """Return this scope's collector, creating it on first use (a scope that never writes needs none)."""
@@ -109,7 +126,7 @@ class ContextVarRegistry(ScopedRegistry[_T]):
         return state.session  # type: ignore[return-value]
 
     def has(self) -> bool:
-        """Return True if an object is present in the current scope."""
+        """Return True if an object is present in the current scope (never after the scope ended)."""
         state = self._var.get()
         return state is not None and state.session is not None
 
@@ -132,15 +149,19 @@ class ContextVarRegistry(ScopedRegistry[_T]):
             state.session = None
 
     def current(self) -> ScopeState[_T]:
-        """Return the current scope's holder; raise ``NoActiveScopeError`` outside any scope."""
+        """Return the current scope's holder; raise ``NoActiveScopeError`` outside any scope or after it ended."""
         state = self._var.get()
         if state is None:
             raise NoActiveScopeError(self._no_scope)
+        if state.ended:
+            raise NoActiveScopeError(_ENDED)
         return state
 
-    def open(self) -> tuple[ScopeState[_T], Token[ScopeState[_T] | None]]:
+    def open(
+        self, origin: MutableMapping[str, Any] | str | None = None
+    ) -> tuple[ScopeState[_T], Token[ScopeState[_T] | None]]:
         """Open a new, empty scope in the current context; give the token to ``reset()``."""
-        state: ScopeState[_T] = ScopeState(self._hooks)
+        state: ScopeState[_T] = ScopeState(self._hooks, origin)
         return state, self._var.set(state)
 
     def reset(self, token: Token[ScopeState[_T] | None]) -> None:
@@ -232,7 +253,7 @@ class ScopedSession(_ScopeControls[_S], scoped_session[_S]):
     def __init__(self, bind: sessionmaker[_S], /, *, track_changes: bool = True) -> None: ...
 
     def __init__(self, bind: Engine | sessionmaker[_S], /, *, track_changes: bool = True) -> None:
-        factory = _sync_factory(bind, track_changes)
+        factory = sync_factory(bind, track_changes)
         self.session_factory = factory
         self.hooks = Hooks() if track_changes else None
         self.registry = ContextVarRegistry(factory, no_scope_message=_NO_SCOPE.format(opener="with"), hooks=self.hooks)
@@ -248,26 +269,29 @@ class ScopedSession(_ScopeControls[_S], scoped_session[_S]):
         Yields the registry itself, so ``with db.scope() as s: s.add(obj)`` acts
         on the new scope's session; the enclosing scope is restored on exit.
         """
-        state, token = self.registry.open()
+        state, token = self.registry.open(_caller())
+        collector = None
         committed = False
         try:
             yield self
             session = state.session
             if commit and not state.doomed:
                 if session is not None and session.in_transaction():
-                    _commit_or_discard(session)
+                    commit_or_discard(session)
                 committed = True
         except BaseException:
-            with _log_errors("closing the session after an error"):
-                _close(state.session)
+            session, collector = state.end()
+            with log_errors("closing the session after an error"):
+                _close(session)
             raise
         else:
-            _close(state.session)
+            session, collector = state.end()
+            _close(session)
         finally:
             self.registry.reset(token)
-            if state.collector is not None:
-                state.collector._settle(committed=committed)
-                state.collector._run_ready()
+            if collector is not None:
+                collector._settle(committed=committed)
+                collector._run_ready()
 
 
 class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
@@ -288,7 +312,7 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
     def __init__(self, bind: async_sessionmaker[_AS], /, *, track_changes: bool = True) -> None: ...
 
     def __init__(self, bind: AsyncEngine | async_sessionmaker[_AS], /, *, track_changes: bool = True) -> None:
-        factory = _async_factory(bind, track_changes)
+        factory = async_factory(bind, track_changes)
         self.session_factory = factory
         self.hooks = Hooks() if track_changes else None
         self.registry = ContextVarRegistry(
@@ -301,28 +325,31 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
 
         Yields the registry itself, so ``async with db.scope() as s: s.add(obj)``
         acts on the new scope's session; the enclosing scope is restored on exit.
+        Once COMMIT is sent, it and the close complete even if the task is cancelled.
         """
-        state, token = self.registry.open()
+        state, token = self.registry.open(_caller())
+        collector = None
         committed = False
         try:
             yield self
             session = state.session
             if commit and not state.doomed:
                 if session is not None and session.in_transaction():
-                    await _acommit_or_discard(session)
+                    await run_to_completion(acommit_or_discard(session))
                 committed = True
         except BaseException:
-            with anyio.CancelScope(shield=True), _log_errors("closing the session after an error"):
-                await _aclose(state.session)
+            session, collector = state.end()
+            with log_errors("closing the session after an error"):
+                await run_to_completion(_aclose(session), reraise=False)
             raise
         else:
-            with anyio.CancelScope(shield=True):
-                await _aclose(state.session)
+            session, collector = state.end()
+            await run_to_completion(_aclose(session))
         finally:
             self.registry.reset(token)
-            if state.collector is not None:
-                state.collector._settle(committed=committed)
-                await state.collector._arun_ready()
+            if collector is not None:
+                collector._settle(committed=committed)
+                await run_to_completion(collector._arun_ready())
 
 
 def _sync(session: Session | AsyncSession) -> Session:
@@ -333,113 +360,28 @@ def _name(function: Callable[..., Any]) -> str:
     return getattr(function, "__qualname__", repr(function))
 
 
-class _ScopeSession(Session):
-    """The synchronous Session class behind every session a registry creates.
-
-    The package's event listeners live on this class, so sessions created
-    anywhere else in the process never reach them.
-    """
+def _caller() -> str:
+    """Describe where ``db.scope()`` was entered: past this function, ``scope()`` and the context manager's own."""
+    return f"'db.scope()' in {sys._getframe(3).f_code.co_name!r}"
 
 
-class _TrackedScopeSession(_TrackedSession, _ScopeSession):
-    """A ``_ScopeSession`` that also reports to its scope's ``Collector``."""
-
-
-_scope_classes: dict[tuple[type[Session], type[Session]], type[Session]] = {}
-
-
-def _scope_class(session_class: type[Session], base: type[Session]) -> type[Session]:
-    """Return a subclass of *session_class* that also derives from *base* (cached)."""
-    if issubclass(session_class, base):
-        return session_class
-    key = (session_class, base)
-    if key not in _scope_classes:
-        _scope_classes[key] = type(session_class.__name__, (base, session_class), {})
-    return _scope_classes[key]
-
-
-def _base(track_changes: bool) -> type[Session]:
-    return _TrackedScopeSession if track_changes else _ScopeSession
-
-
-def _sync_factory(bind: Engine | sessionmaker[Any], track_changes: bool) -> sessionmaker[Any]:
-    """A factory of the package's sessions: built for an engine, or a copy of the given one."""
-    if isinstance(bind, Engine):
-        return sessionmaker(bind, class_=_base(track_changes), expire_on_commit=False)
-    return sessionmaker(class_=_scope_class(bind.class_, _base(track_changes)), **bind.kw)
-
-
-def _async_factory(bind: AsyncEngine | async_sessionmaker[Any], track_changes: bool) -> async_sessionmaker[Any]:
-    """An async factory whose sync sessions are the package's: built for an engine, or a copy."""
-    if isinstance(bind, AsyncEngine):
-        return async_sessionmaker(bind, expire_on_commit=False, sync_session_class=_base(track_changes))
-    sync_class = bind.kw.get("sync_session_class", bind.class_.sync_session_class)
-    sync_class = _scope_class(sync_class, _base(track_changes))
-    return async_sessionmaker(class_=bind.class_, **{**bind.kw, "sync_session_class": sync_class})
-
-
-@event.listens_for(_ScopeSession, "before_flush")
-def _refuse_flush_when_sealed(session: Session, flush_context: Any, instances: Any) -> None:
-    state = session.info.get(_STATE_KEY)
-    if state is not None and state.sealed:
-        raise SessionSealedError(_SEALED)
-
-
-@event.listens_for(_ScopeSession, "do_orm_execute")
-def _refuse_dml_when_sealed(execute_state: ORMExecuteState) -> None:
-    if execute_state.statement.is_dml:
-        _refuse_flush_when_sealed(execute_state.session, None, None)
-
-
-def _commit_or_discard(session: Session) -> None:
-    """COMMIT; if it fails, invalidate the connection before re-raising.
-
-    After a failed COMMIT the connection's transaction state is unknown (pysqlite,
-    for one, keeps the failed transaction open), so it must never go back to the pool.
-    """
-    try:
-        session.commit()
-    except Exception:
-        if _owns_connection(session):
-            with _log_errors("discarding the connection after a failed COMMIT"):
-                session.invalidate()
-        raise
-
-
-async def _acommit_or_discard(session: AsyncSession) -> None:
-    """COMMIT; if it fails, invalidate the connection (shielded) before re-raising."""
-    try:
-        await session.commit()
-    except Exception:
-        if _owns_connection(session.sync_session):
-            with anyio.CancelScope(shield=True), _log_errors("discarding the connection after a failed COMMIT"):
-                await session.invalidate()
-        raise
-
-
-def _owns_connection(session: Session) -> bool:
-    """False if *session* is bound to a ``Connection`` that its caller opened and must discard or keep itself.
-
-    Such a session (``testing.rolled_back()`` makes them) only joined the
-    connection's transaction, so closing it afterwards rolls back what it did.
-    """
-    return not isinstance(session.bind, Connection)
+def route_name(scope: MutableMapping[str, Any]) -> str:
+    """Name a request's route for messages: its method and path template once routed, else its path."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if path is None:
+        path = scope.get("path", "")
+    else:
+        # Inside a Mount, the template is relative to the mount's own path.
+        path = scope.get("root_path", "")[len(scope.get("app_root_path", "")) :] + path
+    return f"'{scope.get('method', 'WEBSOCKET')} {path}'"
 
 
 def _close(session: Session | None) -> None:
     if session is not None:
-        session.close()
+        close_or_discard(session)
 
 
 async def _aclose(session: AsyncSession | None) -> None:
     if session is not None:
-        await session.close()
-
-
-@contextmanager
-def _log_errors(doing: str) -> Iterator[None]:
-    """Log and swallow an ``Exception`` so that it cannot mask the one in flight."""
-    try:
-        yield
-    except Exception:
-        logger.exception("Error while %s; the original error is re-raised.", doing)
+        await aclose_or_discard(session)

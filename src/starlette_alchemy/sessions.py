@@ -1,0 +1,261 @@
+"""The Session classes behind every session a registry creates, and what they refuse.
+
+A scope's session follows its scope: once the response has started, the
+scope is *sealed* and its session may read but not write; once the scope has
+ended, its session may not be used at all, through the registry or through a
+reference kept by code that outlived the request. The scope's ``ScopeState``
+is found in ``session.info``; sessions made anywhere else are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, sessionmaker
+
+from .exceptions import NoActiveScopeError, SessionSealedError
+from .lifecycle import _TrackedSession
+
+if TYPE_CHECKING:
+    from .scoped import ScopeState
+
+logger = logging.getLogger("starlette_alchemy")
+
+# Where a session created by a registry keeps the ScopeState that owns it.
+_STATE_KEY = "starlette_alchemy.scope"
+
+_SEALED = (
+    "The response has already started, so this request's session is sealed and may not write. "
+    "Write in a scope of its own: 'with db.scope():' ('async with' for AsyncScopedSession)."
+)
+_ENDED = (
+    "This scope has ended (its request finished, or its 'db.scope()' block exited), so it has no session any more. "
+    "Code that outlives it, such as a task or thread it started, must open a scope of its own: "
+    "'async with db.scope():' ('with' for ScopedSession)."
+)
+
+
+class _ScopeSession(Session):
+    """The synchronous Session class behind every session a registry creates.
+
+    The package's event listeners live on this class, so sessions created
+    anywhere else in the process never reach them. Once its scope is sealed,
+    what would write without flushing pending objects (which the
+    ``before_flush`` listener refuses) is refused too: objects put in the
+    session would otherwise be discarded silently at close, and ``commit()``
+    would commit raw SQL. ``add_all`` calls ``add``.
+    """
+
+    def add(self, *args: Any, **kw: Any) -> None:
+        _refuse_if_closed_to_writes(self)
+        super().add(*args, **kw)
+
+    def delete(self, *args: Any, **kw: Any) -> None:
+        _refuse_if_closed_to_writes(self)
+        super().delete(*args, **kw)
+
+    def delete_all(self, *args: Any, **kw: Any) -> None:
+        _refuse_if_closed_to_writes(self)
+        super().delete_all(*args, **kw)
+
+    def merge(self, *args: Any, **kw: Any) -> Any:
+        _refuse_if_closed_to_writes(self)
+        return super().merge(*args, **kw)
+
+    def merge_all(self, *args: Any, **kw: Any) -> Any:
+        _refuse_if_closed_to_writes(self)
+        return super().merge_all(*args, **kw)
+
+    def bulk_save_objects(self, *args: Any, **kw: Any) -> None:
+        _refuse_if_closed_to_writes(self)
+        super().bulk_save_objects(*args, **kw)
+
+    def bulk_insert_mappings(self, *args: Any, **kw: Any) -> None:
+        _refuse_if_closed_to_writes(self)
+        super().bulk_insert_mappings(*args, **kw)
+
+    def bulk_update_mappings(self, *args: Any, **kw: Any) -> None:
+        _refuse_if_closed_to_writes(self)
+        super().bulk_update_mappings(*args, **kw)
+
+    def commit(self) -> None:
+        _refuse_if_closed_to_writes(self)
+        super().commit()
+
+    def connection(self, *args: Any, **kw: Any) -> Connection:
+        state: ScopeState[Any] | None = self.info.get(_STATE_KEY)
+        if state is not None and state.sealed:
+            if state.ended:
+                raise NoActiveScopeError(_ENDED)
+            # What runs on the raw connection may write; what it leaves open is rolled back at close, with a warning.
+            state.raw_sql = True
+        return super().connection(*args, **kw)
+
+
+class _TrackedScopeSession(_TrackedSession, _ScopeSession):
+    """A ``_ScopeSession`` that also reports to its scope's ``Collector``."""
+
+
+def _refuse_if_closed_to_writes(session: Session) -> None:
+    """Raise if *session*'s scope is sealed (``SessionSealedError``) or ended (``NoActiveScopeError``)."""
+    state: ScopeState[Any] | None = session.info.get(_STATE_KEY)
+    if state is not None and state.sealed:
+        raise NoActiveScopeError(_ENDED) if state.ended else SessionSealedError(_SEALED)
+
+
+@event.listens_for(_ScopeSession, "before_flush")
+def _refuse_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    _refuse_if_closed_to_writes(session)
+
+
+@event.listens_for(_ScopeSession, "do_orm_execute")
+def _check_statement(execute_state: ORMExecuteState) -> None:
+    session = execute_state.session
+    state: ScopeState[Any] | None = session.info.get(_STATE_KEY)
+    if state is None or not state.sealed:
+        return
+    statement = execute_state.statement
+    if state.ended:
+        raise NoActiveScopeError(_ENDED)
+    if statement.is_dml:
+        raise SessionSealedError(_SEALED)
+    if not statement.is_select and not _reads(statement):
+        state.raw_sql = True  # raw SQL may write, as on the raw connection
+
+
+def _reads(statement: Any) -> bool:
+    """True for a ``text()`` that is a plain SELECT: the only raw SQL known not to write."""
+    text = getattr(statement, "text", None)
+    return isinstance(text, str) and text.lstrip()[:6].upper() == "SELECT"
+
+
+@event.listens_for(_ScopeSession, "after_begin")
+def _refuse_begin_after_the_end(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+    # Work started before the scope ended (another task's query on the same session)
+    # may acquire a connection after it: give that connection back at once.
+    state: ScopeState[Any] | None = session.info.get(_STATE_KEY)
+    if state is not None and state.ended and _owns(session):
+        connection.invalidate()
+        raise NoActiveScopeError(_ENDED)
+
+
+_scope_classes: dict[tuple[type[Session], type[Session]], type[Session]] = {}
+
+
+def _scope_class(session_class: type[Session], base: type[Session]) -> type[Session]:
+    """Return a subclass of *session_class* that also derives from *base* (cached)."""
+    if issubclass(session_class, base):
+        return session_class
+    key = (session_class, base)
+    if key not in _scope_classes:
+        _scope_classes[key] = type(session_class.__name__, (base, session_class), {})
+    return _scope_classes[key]
+
+
+def _base(track_changes: bool) -> type[Session]:
+    return _TrackedScopeSession if track_changes else _ScopeSession
+
+
+def sync_factory(bind: Engine | sessionmaker[Any], track_changes: bool) -> sessionmaker[Any]:
+    """A factory of the package's sessions: built for an engine, or a copy of the given one."""
+    if isinstance(bind, Engine):
+        return sessionmaker(bind, class_=_base(track_changes), expire_on_commit=False)
+    return sessionmaker(class_=_scope_class(bind.class_, _base(track_changes)), **bind.kw)
+
+
+def async_factory(bind: AsyncEngine | async_sessionmaker[Any], track_changes: bool) -> async_sessionmaker[Any]:
+    """An async factory whose sync sessions are the package's: built for an engine, or a copy."""
+    if isinstance(bind, AsyncEngine):
+        return async_sessionmaker(bind, expire_on_commit=False, sync_session_class=_base(track_changes))
+    sync_class = bind.kw.get("sync_session_class", bind.class_.sync_session_class)
+    sync_class = _scope_class(sync_class, _base(track_changes))
+    return async_sessionmaker(class_=bind.class_, **{**bind.kw, "sync_session_class": sync_class})
+
+
+# -- ending a session whatever happens -----------------------------------------------------
+
+
+def commit_or_discard(session: Session) -> None:
+    """COMMIT; if it fails, invalidate the connection before re-raising.
+
+    After a failed COMMIT the connection's transaction state is unknown (pysqlite,
+    for one, keeps the failed transaction open), so it must never go back to the pool.
+    """
+    try:
+        session.commit()
+    except Exception:
+        if _owns(session):
+            with log_errors("discarding the connection after a failed COMMIT"):
+                session.invalidate()
+        raise
+
+
+async def acommit_or_discard(session: AsyncSession) -> None:
+    """COMMIT; if it fails, invalidate the connection before re-raising."""
+    try:
+        await session.commit()
+    except Exception:
+        if _owns(session.sync_session):
+            with log_errors("discarding the connection after a failed COMMIT"):
+                await session.invalidate()
+        raise
+
+
+def close_or_discard(session: Session) -> None:
+    """Close *session*; if that fails, invalidate its connections, so each goes back to the pool, and re-raise.
+
+    Closing fails when the session is in a state it cannot leave, such as
+    after two tasks used one ``AsyncSession`` at once; its connections are then
+    reached below the session, whose own ``invalidate()`` would fail the same way.
+    """
+    try:
+        session.close()
+    except Exception:
+        discard_connections(session)
+        raise
+
+
+async def aclose_or_discard(session: AsyncSession) -> None:
+    """Like ``close_or_discard()``, for an ``AsyncSession``."""
+    try:
+        await session.close()
+    except Exception:
+        await session.run_sync(discard_connections)
+        raise
+
+
+def discard_connections(session: Session) -> None:
+    """Invalidate the connections of *session*'s transaction that it checked out itself."""
+    if not _owns(session):
+        return
+    transaction = session.get_transaction()
+    # The session's own bookkeeping; no public accessor reaches it when the session is stuck.
+    connections = {entry[0] for entry in getattr(transaction, "_connections", {}).values()}
+    for connection in connections:
+        with log_errors("invalidating a connection of a session that could not be closed"):
+            connection.invalidate()
+    if connections:
+        logger.warning("%d connection(s) of a session that could not be closed were invalidated.", len(connections))
+
+
+def _owns(session: Session) -> bool:
+    """False if *session* is bound to a ``Connection`` that its caller opened and must discard or keep itself.
+
+    Such a session (``testing.rolled_back()`` makes them) only joined the
+    connection's transaction, so closing it afterwards rolls back what it did.
+    """
+    return not isinstance(session.bind, Connection)
+
+
+@contextmanager
+def log_errors(doing: str) -> Iterator[None]:
+    """Log and swallow an ``Exception`` so that it cannot mask the one in flight."""
+    try:
+        yield
+    except Exception:
+        logger.exception("Error while %s; the original error is re-raised.", doing)
