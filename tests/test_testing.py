@@ -34,7 +34,7 @@ from starlette_alchemy import (
     ScopedSession,
     TrackingDisabledError,
 )
-from starlette_alchemy.testing import arolled_back, assert_changes, capture_on_commit, rolled_back
+from starlette_alchemy.testing import LostCommitWarning, arolled_back, assert_changes, capture_on_commit, rolled_back
 from tests.conftest import ASYNC_BACKENDS, SQLITE_BACKENDS, Backend, engine_for, postgres_engine
 from tests.models import AuditLog, Base, Item
 from tests.support import AnyDB, http_client, resolve, run, scope
@@ -252,6 +252,52 @@ async def test_a_test_that_ends_the_outer_transaction_is_told_what_it_committed(
     with inspection.begin() as conn:
         assert conn.execute(sa.delete(Item).where(Item.name == f"{tag}-committed")).rowcount == 1
     inspection.dispose()
+
+
+async def test_a_test_that_rolls_back_the_connection_by_hand_is_told(db: AnyDB, tag: str) -> None:
+    with pytest.raises(RuntimeError, match="rolled back the transaction of the connection that rolled_back"):
+        async with bound(db) as connection, http_client(make_app(db, []), "asgi") as client:
+            assert (await client.post(f"/items/{tag}-vanishes")).status_code == 201
+            await resolve(connection.rollback())
+            assert await names_through(connection, tag) == []
+
+
+def audited_app(db: AnyDB, status: int) -> Starlette:
+    """An app whose handler writes an item, and an audit row in a scope of its own, then answers *status*."""
+
+    async def audited(request: Request) -> Response:
+        db.add(Item(name=request.path_params["name"]))
+        await run(db.flush)  # the request's transaction is open on the connection before the scope's begins
+        audit = AuditLog(entity=request.path_params["name"], identity="", op="attempt", diff={})
+        if isinstance(db, AsyncScopedSession):
+            async with db.scope():
+                db.add(audit)
+        else:
+            with db.scope():
+                db.add(audit)
+        return PlainTextResponse("done", status_code=status)
+
+    return Starlette(
+        routes=[Route("/audited/{name}", audited, methods=["POST"])],
+        middleware=[Middleware(DBSessionMiddleware, db=db)],
+    )
+
+
+async def test_a_nested_scope_lost_with_its_request_is_reported(db: AnyDB, tag: str) -> None:
+    # In production the audit row survives the 404; on the test's one connection it cannot.
+    message = r"'db.scope\(\)' in 'audited' committed inside the transaction of 'POST /audited/\{name\}'"
+    with pytest.warns(LostCommitWarning, match=message):
+        async with bound(db) as connection, http_client(audited_app(db, 404), "asgi") as client:
+            assert (await client.post(f"/audited/{tag}")).status_code == 404
+            assert list(await resolve(connection.scalars(sa.select(AuditLog).where(AuditLog.entity == tag)))) == []
+
+
+async def test_a_nested_scope_kept_by_its_request_is_faithful(db: AnyDB, tag: str) -> None:
+    # filterwarnings = error: a LostCommitWarning would fail this test.
+    async with bound(db) as connection, http_client(audited_app(db, 200), "asgi") as client:
+        assert (await client.post(f"/audited/{tag}")).status_code == 200
+        query = sa.select(AuditLog.op).where(AuditLog.entity == tag)
+        assert list(await resolve(connection.scalars(query))) == ["attempt"]
 
 
 @pytest.mark.parametrize("backend", SQLITE_BACKENDS, indirect=True, ids=lambda b: b.id)

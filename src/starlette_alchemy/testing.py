@@ -14,6 +14,7 @@ transactions that commit, and ``assert_changes()`` compares one transaction's
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -21,12 +22,21 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from .lifecycle import AfterCommitCall, Change, Changes
-from .scoped import AsyncScopedSession, ScopedSession
+from .scoped import AsyncScopedSession, ScopedSession, ScopeState
+from .sessions import _STATE_KEY
 
-__all__ = ["AfterCommitRecord", "CapturedCommits", "arolled_back", "assert_changes", "capture_on_commit", "rolled_back"]
+__all__ = [
+    "AfterCommitRecord",
+    "CapturedCommits",
+    "LostCommitWarning",
+    "arolled_back",
+    "assert_changes",
+    "capture_on_commit",
+    "rolled_back",
+]
 
 _WRONG_KIND = "{function}() takes {expected}; {got} is {kind}. Use {other}() instead."
 _NOT_ONE_ENGINE = (
@@ -42,6 +52,21 @@ _COMMITTED = (
     "the connection's transaction (commit() or rollback() on it), and a session then committed one of its own. "
     "Leave the transaction of the connection that rolled_back() yields alone."
 )
+_ROLLED_BACK = (
+    "The test rolled back the transaction of the connection that rolled_back() yields (rollback() on it), so "
+    "everything the app had written before that vanished mid-test. Leave that transaction alone; to undo a step, "
+    "use a SAVEPOINT ('connection.begin_nested()')."
+)
+_LOST = (
+    "{inner} committed inside the transaction of {outer}, and {outer} then rolled back: in production the commit "
+    "of {inner} survives, but here all scopes share the test's one connection, so it went into the SAVEPOINT of "
+    "{outer} and was rolled back with it. Check what {inner} wrote before {outer} ends, or test this without "
+    "rolled_back()."
+)
+
+
+class LostCommitWarning(UserWarning):
+    """A scope's commit was lost in ``rolled_back()`` that would have survived in production."""
 
 
 # -- rolling back everything a test commits ------------------------------------------------
@@ -60,7 +85,7 @@ def rolled_back(db: ScopedSession[Any]) -> Iterator[Connection]:
     with engine.connect() as connection:
         end = _begin_outer(connection)
         try:
-            with _bound(db.session_factory, connection):
+            with _bound(db.session_factory, connection), _watching_scopes(db.session_factory.class_, connection):
                 yield connection
         finally:
             end(connection)
@@ -78,8 +103,9 @@ async def arolled_back(db: AsyncScopedSession[Any]) -> AsyncIterator[AsyncConnec
     engine = _engine(db.session_factory, AsyncEngine, "arolled_back")
     async with engine.connect() as connection:
         end = await connection.run_sync(_begin_outer)
+        session_class = db.session_factory.kw["sync_session_class"]
         try:
-            with _bound(db.session_factory, connection):
+            with _bound(db.session_factory, connection), _watching_scopes(session_class, connection.sync_connection):
                 yield connection
         finally:
             await connection.run_sync(end)
@@ -118,21 +144,32 @@ def _begin_outer(connection: Connection) -> Callable[[Connection], None]:
         event.listen(connection, "begin", _begin_explicitly)
         _begin_explicitly(connection)
 
-    committed: list[Connection] = []
-    record_commit = committed.append
-    # A COMMIT of the connection's own transaction: the test ended the outer one, and a session began its own.
+    # A COMMIT or ROLLBACK of the connection's own transaction, not a SAVEPOINT's: the test
+    # ended the outer transaction by hand (and a session may then have committed its own).
+    ended: dict[str, bool] = {}
+
+    def record_commit(connection: Connection) -> None:
+        ended["commit"] = True
+
+    def record_rollback(connection: Connection) -> None:
+        ended["rollback"] = True
+
     event.listen(connection, "commit", record_commit)
+    event.listen(connection, "rollback", record_rollback)
 
     def end(connection: Connection) -> None:
         event.remove(connection, "commit", record_commit)
+        event.remove(connection, "rollback", record_rollback)
         if not connection.invalidated:  # an invalidated connection took its transaction with it
             connection.rollback()
             if recipe:
                 event.remove(connection, "begin", _begin_explicitly)
             if sqlite:
                 raw.isolation_level = isolation_level
-        if committed:
+        if ended.get("commit"):
             raise RuntimeError(_COMMITTED)
+        if ended.get("rollback"):
+            raise RuntimeError(_ROLLED_BACK)
 
     return end
 
@@ -158,6 +195,57 @@ def _bound(
     finally:
         factory.kw.clear()
         factory.kw.update(saved)
+
+
+@contextmanager
+def _watching_scopes(session_class: type[Session], connection: Connection) -> Iterator[None]:
+    """Warn when a scope's commit is lost with an enclosing scope's rollback, which production would keep.
+
+    Every scope's session joins *connection* in a SAVEPOINT of its own, nested
+    in those of the scopes whose transactions were open when it began. Its
+    COMMIT only releases that SAVEPOINT into the enclosing one, so what it
+    wrote goes wherever the enclosing scope's transaction goes.
+    """
+    # The sessions whose transactions are open on the connection, oldest first, with the
+    # scopes whose commits were released into each.
+    open_sessions: dict[Session, list[str]] = {}
+    lost: list[str] = []
+
+    def began(session: Session, transaction: SessionTransaction, bound: Connection) -> None:
+        if bound is connection and session not in open_sessions:
+            open_sessions[session] = []
+
+    def committed(session: Session) -> None:
+        if session in open_sessions and not session.in_nested_transaction():
+            released = open_sessions.pop(session)
+            if open_sessions:
+                enclosing = next(reversed(open_sessions))
+                open_sessions[enclosing] += [*released, _scope_name(session)]
+
+    def ended(session: Session, transaction: SessionTransaction) -> None:
+        if transaction.parent is None and session in open_sessions:
+            outer = _scope_name(session)
+            lost.extend(_LOST.format(inner=inner, outer=outer) for inner in open_sessions.pop(session))
+
+    listeners: list[tuple[str, Callable[..., None]]] = [
+        ("after_begin", began),
+        ("after_commit", committed),
+        ("after_transaction_end", ended),
+    ]
+    for name, listener in listeners:
+        event.listen(session_class, name, listener)
+    try:
+        yield
+    finally:
+        for name, listener in listeners:
+            event.remove(session_class, name, listener)
+        for message in lost:
+            warnings.warn(message, LostCommitWarning, stacklevel=5)
+
+
+def _scope_name(session: Session) -> str:
+    state: ScopeState[Any] | None = session.info.get(_STATE_KEY)
+    return state.describe() if state is not None else "a session"
 
 
 # -- capturing after-commit work -----------------------------------------------------------
