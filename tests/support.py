@@ -84,7 +84,10 @@ async def serve(app: ASGIApp) -> AsyncIterator[str]:
     """Run *app* under a real uvicorn server on 127.0.0.1, in this event loop; yield its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, lifespan="off", log_level="warning", timeout_graceful_shutdown=5)
+    # A long keep-alive: a connection the server closes while the client reuses it fails that request.
+    config = uvicorn.Config(
+        app, lifespan="off", log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=60
+    )
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve, [sock])
@@ -139,7 +142,7 @@ _COMMIT_DELAY = "tests.commit_delay"
 
 async def delay_commit(db: AnyDB, seconds: float) -> None:
     """Make the current scope's COMMIT answer *seconds* late (see ``slow_commits()``)."""
-    connection: Any = await resolve(db.connection())
+    connection: Any = await run(db.connection)
     connection.info[_COMMIT_DELAY] = seconds
 
 

@@ -553,44 +553,6 @@ async def test_second_database_failing_is_a_500_naming_the_first(
     assert [_names_and_dispose(db) for db in (first, second)] == [{"one"}, set()]
 
 
-# -- soak ---------------------------------------------------------------------------------
-
-
-async def test_soak_leaves_no_connection_or_session_behind(
-    db: AnyDB, engine: Engine | AsyncEngine, transport: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    import gc
-
-    from starlette_alchemy.sessions import _ScopeSession
-
-    # pytest keeps every log record, and a record's traceback holds a failed request's session.
-    for name in ("starlette_alchemy", "uvicorn.error"):
-        caplog.set_level(logging.CRITICAL, logger=name)
-    paths = ["/add/{n}", "/add/{n}?status=409", "/crash/{n}", "/dangling", "/not-found/{n}", "/read-stream"]
-    limit = anyio.CapacityLimiter(50)
-    async with http_client(make_app(db, []), transport) as client:
-
-        async def one(n: int) -> None:
-            async with limit:
-                path = paths[n % len(paths)].format(n=f"soak-{n}")
-                if path == "/read-stream" and n % 4 == 0:
-                    async with client.stream("GET", path) as response:  # disconnect after the first chunk
-                        async for _ in response.aiter_bytes():
-                            break
-                else:
-                    await client.request("GET" if path == "/read-stream" else "POST", path)
-
-        async with anyio.create_task_group() as tg:
-            for n in range(2000):
-                tg.start_soon(one, n)
-    await anyio.sleep(0.2)
-    assert checked_out(engine) == 0
-    # aiosqlite's worker thread keeps its last result (a failed COMMIT's traceback) until the pool is disposed.
-    await resolve(engine.dispose())
-    gc.collect()
-    assert [o for o in gc.get_objects() if isinstance(o, _ScopeSession)] == []
-
-
 # -- helpers -------------------------------------------------------------------------------
 
 

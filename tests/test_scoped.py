@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import inspect
 from contextlib import nullcontext
 from typing import Any
@@ -15,9 +17,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_scoped_sessi
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from starlette_alchemy import AsyncScopedSession, NoActiveScopeError, ScopedSession
-from tests.conftest import checked_out
+from tests.conftest import ASYNC_BACKENDS, checked_out
 from tests.models import Item, Note
-from tests.support import AnyDB, build, committed_names, counting_session_class, resolve, scope
+from tests.support import (
+    AnyDB,
+    build,
+    committed_names,
+    counting_session_class,
+    delay_commit,
+    resolve,
+    scope,
+    slow_commits,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -251,6 +262,45 @@ async def test_cancelled_scope_never_commits_and_still_closes(
     assert sessions[0].close_calls == 1  # type: ignore[attr-defined]
     assert checked_out(engine) == 0
     assert committed_names(inspection_engine) == set()
+
+
+@pytest.mark.parametrize("backend", ASYNC_BACKENDS, indirect=True, ids=lambda b: b.id)
+@pytest.mark.parametrize("kind", ["asyncio", "anyio"])
+async def test_a_scope_cancelled_mid_commit_completes_the_commit(
+    engine: AsyncEngine, inspection_engine: Engine, kind: str
+) -> None:
+    db = AsyncScopedSession(engine)
+    ran: list[str] = []
+
+    async def write() -> None:
+        async with db.scope():
+            db.add(Item(name="committed late"))
+            db.on_commit(lambda: ran.append("on_commit"))
+            await delay_commit(db, 0.5)
+
+    with slow_commits(engine), pytest.raises(TimeoutError):
+        if kind == "asyncio":
+            async with asyncio.timeout(0.2):
+                await write()
+        else:
+            with anyio.fail_after(0.2):
+                await write()
+    assert committed_names(inspection_engine) == {"committed late"}
+    assert ran == ["on_commit"]
+    assert checked_out(engine) == 0
+
+
+async def test_a_scope_that_ended_refuses_code_that_outlived_it(db: AnyDB, engine: Engine | AsyncEngine) -> None:
+    async with scope(db):
+        session = db()
+        await resolve(db.execute(sa.select(1)))
+        context = contextvars.copy_context()
+    with pytest.raises(NoActiveScopeError, match="This scope has ended"):
+        context.run(db)
+    with pytest.raises(NoActiveScopeError, match="This scope has ended"):
+        await resolve(session.execute(sa.select(1)))
+    assert not context.run(db.has)
+    assert checked_out(engine) == 0
 
 
 # -- threads and tasks -------------------------------------------------------------

@@ -1,0 +1,221 @@
+"""A hostile soak through uvicorn: every fault at once, then an audit of what the database holds.
+
+5,000 requests, 50 at a time, mixing 2xx writes, 4xx after a flush,
+exceptions, COMMIT failures (a deferred foreign key), streams the client walks
+away from, fire-and-forget tasks that call ``db()`` after the response, and an
+outer timeout that cancels some requests while their COMMIT is in flight.
+Afterwards: every row belongs to a request whose COMMIT succeeded, every 2xx
+write is there, the log names each committed request whose client got the
+timeout's 504, each committed scope's ``on_commit`` ran exactly once, and no
+connection, session or idle PostgreSQL transaction is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+
+import anyio
+import httpx
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from starlette_alchemy import DBSessionMiddleware, NoActiveScopeError
+from starlette_alchemy.sessions import _ScopeSession
+from tests.conftest import checked_out
+from tests.models import Item, Note
+from tests.support import (
+    AnyDB,
+    OuterTimeout,
+    committed_names,
+    delay_commit,
+    idle_in_transaction,
+    resolve,
+    run,
+    serve,
+    slow_commits,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+REQUESTS = 5000
+CONCURRENCY = 50
+# One kind of request for each fault, in turn; "slow" ones are cancelled by the outer timeout mid-COMMIT.
+KINDS = ["ok", "bad", "ok", "crash", "ok", "dangling", "ok", "stream", "ok", "forget", "ok", "slow"]
+FORGOTTEN = sum(1 for n in range(REQUESTS) if KINDS[n % len(KINDS)] == "forget")
+TIMEOUT = 0.5  # what the outer middleware allows a "slow" request
+COMMIT_DELAY = 1.0  # how late a "slow" request's COMMIT answers
+
+
+def soak_app(db: AnyDB, ran: list[str], forgotten: list[BaseException]) -> ASGIApp:
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def write(request: Request) -> Response:
+        kind, name = request.path_params["kind"], request.path_params["name"]
+        db.add(Item(name=name))
+        db.on_commit(lambda: ran.append(name))
+        if kind == "slow":
+            await delay_commit(db, COMMIT_DELAY)
+        elif kind == "dangling":
+            db.add(Note(item_id=10_000_000 + int(name.split("-")[1])))  # the deferred foreign key fails at COMMIT
+        elif kind == "forget":
+            task = asyncio.create_task(later(request.scope[_ENDED]))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if kind in ("bad", "crash"):
+            await run(db.flush)
+            if kind == "bad":
+                raise HTTPException(409)
+            raise RuntimeError("the handler crashed")
+        return PlainTextResponse("written", status_code=201)
+
+    async def later(request_ended: asyncio.Event) -> None:
+        await request_ended.wait()
+        try:
+            await run(db.scalar, sa.select(sa.literal(1)))
+        except NoActiveScopeError as exc:
+            forgotten.append(exc)
+
+    async def stream(request: Request) -> Response:
+        await run(db.scalar, sa.select(sa.func.count(Item.id)))
+
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(20):
+                yield b"." * 1024
+                await anyio.sleep(0.01)
+
+        return StreamingResponse(body())
+
+    routes = [Route("/write/{kind}/{name}", write, methods=["POST"]), Route("/stream/{name}", stream)]
+    app = MarksTheEnd(DBSessionMiddleware(Starlette(routes=routes), db=db))
+    return OnlySlowTimesOut(app, OuterTimeout(app, seconds=TIMEOUT, kind="asyncio"))
+
+
+_ENDED = "tests.request_ended"
+
+
+class MarksTheEnd:
+    """Set ``scope[_ENDED]`` once the app, and so the request's database scope, has finished."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[_ENDED] = ended = asyncio.Event()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            ended.set()
+
+
+class OnlySlowTimesOut:
+    """A per-route timeout: the "slow" requests go through the outer timeout, the others straight to the app."""
+
+    def __init__(self, app: ASGIApp, timed: ASGIApp) -> None:
+        self.app = app
+        self.timed = timed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        slow = scope["type"] == "http" and scope["path"].startswith("/write/slow/")
+        await (self.timed if slow else self.app)(scope, receive, send)
+
+
+@contextmanager
+def captured_messages(logger_name: str) -> Iterator[list[str]]:
+    """Collect the messages the logger emits at INFO and above, without keeping records (nor their tracebacks)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger(logger_name)
+    handler = Collect(logging.INFO)
+    previous = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    # pytest keeps every record it sees, and a record's traceback holds a failed request's session.
+    logger.propagate = False
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.level, logger.propagate = previous
+
+
+async def test_soak_through_uvicorn_accounts_for_every_write(
+    db: AnyDB, engine: Engine | AsyncEngine, inspection_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.CRITICAL, logger="uvicorn.error")  # "Exception in ASGI application", by design
+    ran: list[str] = []
+    forgotten: list[BaseException] = []
+    statuses: dict[str, int] = {}
+    limit = anyio.CapacityLimiter(CONCURRENCY)
+    with slow_commits(engine), captured_messages("starlette_alchemy") as messages:
+        async with serve(soak_app(db, ran, forgotten)) as url:
+            limits = httpx.Limits(max_connections=CONCURRENCY)
+            async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+                async def one(n: int) -> None:
+                    kind = KINDS[n % len(KINDS)]
+                    name = f"{kind}-{n}"
+                    async with limit:
+                        if kind == "stream":
+                            async with client.stream("GET", f"/stream/{name}") as response:
+                                async for _ in response.aiter_bytes():
+                                    break  # and walk away
+                        else:
+                            # uvicorn closes the connection after an app exception, even once the 500 went out:
+                            # a client reusing it would race the close.
+                            headers = {"connection": "close"} if kind in ("crash", "dangling") else {}
+                            response = await client.post(f"/write/{kind}/{name}", headers=headers)
+                            statuses[name] = response.status_code
+
+                async with anyio.create_task_group() as tg:
+                    for n in range(REQUESTS):
+                        tg.start_soon(one, n)
+            # The last fire-and-forget tasks, after-commit work and connections.
+            with anyio.fail_after(30):
+                while checked_out(engine) or len(forgotten) < FORGOTTEN:
+                    await anyio.sleep(0.05)
+
+    rows = committed_names(inspection_engine)
+    kinds = Counter(name.split("-")[0] for name in rows)
+    assert set(kinds) <= {"ok", "forget", "slow"}, f"rows of requests that did not commit: {kinds}"
+    # Every 2xx write is there; no row without a 2xx, except the timed-out ones that the log names.
+    answered = {name for name, status in statuses.items() if status == 201}
+    timed_out = {name for name, status in statuses.items() if status == 504}
+    assert answered <= rows
+    reported = {match for message in messages for match in _committed_after_cancel(message)}
+    assert rows - answered == reported
+    assert reported <= timed_out and reported, "no request was cancelled mid-COMMIT: the soak tested nothing"
+    # Each committed scope's on_commit ran exactly once, and no other.
+    assert Counter(ran) == Counter(rows)
+    assert len(forgotten) == FORGOTTEN
+    assert {statuses[n] for n in statuses if n.startswith(("bad", "crash", "dangling"))} == {409, 500}
+    assert checked_out(engine) == 0
+    assert idle_in_transaction(inspection_engine) == 0
+    # aiosqlite's worker thread keeps its last result (a failed COMMIT's traceback) until the pool is disposed.
+    await resolve(engine.dispose())
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, _ScopeSession)] == []
+
+
+def _committed_after_cancel(message: str) -> list[str]:
+    """The name of the request a "cancelled while its COMMIT was in flight ... it committed" message reports."""
+    if "in flight" not in message or "it committed" not in message:
+        return []
+    return re.findall(r"'POST /write/slow/(slow-\d+)'", message)
