@@ -149,7 +149,12 @@ async def test_sync_registry_in_every_kind_of_endpoint_and_dependency(
 async def test_misconfigurations_raise_errors_that_name_the_fix(db: AnyDB) -> None:
     wrong = SyncSessionDep if isinstance(db, AsyncScopedSession) else SessionDep
     bare, twice, mismatched = FastAPI(), FastAPI(), FastAPI()
-    twice.add_middleware(DBSessionMiddleware, db=[db, db])
+    other = (
+        AsyncScopedSession(db.session_factory)
+        if isinstance(db, AsyncScopedSession)
+        else ScopedSession(db.session_factory)
+    )
+    twice.add_middleware(DBSessionMiddleware, db=[db, other])
     mismatched.add_middleware(DBSessionMiddleware, db=db)
 
     async def needs_collector(collector: CollectorDep) -> str:

@@ -221,6 +221,9 @@ async def test_on_commit_failure_can_answer_instead_of_the_500(
     assert (mapped.status_code, mapped.json()) == (409, {"detail": "conflict"})
     assert seen == ["/dangling"], "background tasks never run after a failed COMMIT"
     assert "'on_commit_failure' answered 409" in caplog.text
+    # The INFO line says what the error was, not only where.
+    (answered,) = [r.getMessage() for r in caplog.records if "answered 409" in r.getMessage()]
+    assert "The error: IntegrityError: " in answered and "FOREIGN KEY" in answered.upper()
     with inspection_engine.connect() as conn:
         assert conn.scalar(sa.select(sa.func.count()).select_from(Note)) == 0
 
@@ -360,6 +363,53 @@ async def test_exception_before_start_rolls_back_closes_and_reraises(
         await call(DBSessionMiddleware(app, db=db), "/")
     assert committed_names(inspection_engine) == set()
     assert checked_out(engine) == 0
+
+
+# -- construction --------------------------------------------------------------------------
+
+
+def _registries_for_construction() -> tuple[ScopedSession[Session], AsyncScopedSession[Any]]:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    return ScopedSession(sa.create_engine("sqlite://")), AsyncScopedSession(create_async_engine("sqlite+aiosqlite://"))
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        (
+            {"db": sa.create_engine("sqlite://")},
+            TypeError,
+            r"'db' must be a ScopedSession.*Engine.*'ScopedSession\(\.\.\.\)'",
+        ),
+        (
+            {"db": None},
+            TypeError,
+            r"'db' must be a ScopedSession or an AsyncScopedSession, or a list of them; got None",
+        ),
+        ({"db": "sqlite://"}, TypeError, r"got 'sqlite://' \(str\)\. Create an engine from the URL"),
+        ({"db": sessionmaker()}, TypeError, r"\(sessionmaker\)\. Wrap it: 'ScopedSession\(\.\.\.\)'"),
+        ({"db": set()}, TypeError, r"A set has no order, and registries commit in order: give a list"),
+        ({"db": []}, ValueError, r"'db' is an empty list, so the middleware would manage no database"),
+        ({"db": [None]}, TypeError, r"'db\[0\]' must be a ScopedSession or an AsyncScopedSession; got None"),
+        ({"commit_on": True}, TypeError, r"'commit_on' must be a function of the status code.*got True \(bool\)"),
+        ({"on_commit_failure": 409}, TypeError, r"'on_commit_failure' must be a function of the error.*got 409"),
+        ({"websocket": "auto"}, ValueError, r"'websocket' must be 'manual' .* or 'off' \(no scope\); got 'auto'"),
+    ],
+)
+def test_every_argument_is_checked_at_construction(
+    options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    sync_db, _ = _registries_for_construction()
+    with pytest.raises(error, match=message):
+        DBSessionMiddleware(PlainTextResponse("never"), **{"db": sync_db, **options})
+
+
+def test_the_same_registry_twice_is_refused() -> None:
+    sync_db, async_db = _registries_for_construction()
+    with pytest.raises(ValueError, match="names the same registry twice"):
+        DBSessionMiddleware(PlainTextResponse("never"), db=[sync_db, async_db, sync_db])
+    assert DBSessionMiddleware(PlainTextResponse("ok"), db=(sync_db, async_db)).registries == (sync_db, async_db)
 
 
 @pytest.mark.parametrize(("kind", "options"), [("lifespan", {}), ("websocket", {"websocket": "off"})])

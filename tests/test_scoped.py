@@ -78,6 +78,51 @@ async def test_no_scope_message_names_the_right_opener(engine: Engine | AsyncEng
         db()
 
 
+@pytest.mark.parametrize(
+    ("registry", "bind", "message"),
+    [
+        (
+            "sync",
+            "sqlite://",
+            r"ScopedSession\(\) takes an Engine or a sessionmaker; it was given 'sqlite://' \(str\)\. "
+            r"Create an engine from the URL first: ScopedSession\(create_engine\('sqlite://'\)\)",
+        ),
+        ("sync", "async engine", r"it was given .*\(AsyncEngine\)\. Use 'AsyncScopedSession' for it\."),
+        ("sync", "async maker", r"it was given async_sessionmaker.*Use 'AsyncScopedSession' for it\."),
+        (
+            "async",
+            "sync engine",
+            r"AsyncScopedSession\(\) takes an AsyncEngine or an async_sessionmaker; it was given "
+            r"Engine\(sqlite://\) \(Engine\)\. Use 'ScopedSession' for it\.",
+        ),
+        ("async", "sync maker", r"it was given sessionmaker.*Use 'ScopedSession' for it\."),
+        (
+            "async",
+            "sqlite+aiosqlite://",
+            r"Create an engine from the URL first: AsyncScopedSession\(create_async_engine",
+        ),
+        ("async", None, r"it was given None \(NoneType\)\.$"),
+    ],
+)
+def test_a_registry_refuses_what_it_cannot_build_sessions_from(registry: str, bind: Any, message: str) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    binds = {
+        "async engine": create_async_engine("sqlite+aiosqlite://"),
+        "async maker": async_sessionmaker(),
+        "sync engine": create_engine("sqlite://"),
+        "sync maker": sessionmaker(),
+    }
+    kind: Any = ScopedSession if registry == "sync" else AsyncScopedSession
+    with pytest.raises(TypeError, match=message):
+        kind(binds.get(bind, bind))
+
+
+def test_track_changes_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match=r"'track_changes' must be True or False; got 'no' \(str\)"):
+        ScopedSession(create_engine("sqlite://"), track_changes="no")  # type: ignore[call-overload]
+
+
 # -- lazy sessions ---------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ checks, after it ends, that every table holds exactly the rows it held before.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -172,13 +173,19 @@ async def test_a_request_that_rolls_back_keeps_what_earlier_requests_committed(
         assert await names_through(connection, tag) == [f"{tag}-kept"]
 
 
-async def test_a_failed_commit_leaves_the_test_connection_usable(db: AnyDB, transport: str, tag: str) -> None:
+async def test_a_failed_commit_leaves_the_test_connection_usable(
+    db: AnyDB, engine: Any, transport: str, tag: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "starlette_alchemy")
     async with bound(db) as connection, http_client(make_app(db, []), transport) as client:
         assert (await client.post(f"/items/{tag}-a")).status_code == 201
         # The duplicate fails in the COMMIT (its SAVEPOINT's flush); the connection is the test's, not discarded.
         assert (await client.post(f"/items/{tag}-a")).status_code == 409
         assert (await client.post(f"/items/{tag}-b")).status_code == 201
         assert await names_through(connection, tag) == [f"{tag}-a", f"{tag}-b"]
+    # The log names the database, though the session was bound to the test's connection.
+    (failure,) = [r.getMessage() for r in caplog.records if "COMMIT failed" in r.getMessage()]
+    assert f"COMMIT failed on '{engine.url.render_as_string(hide_password=True)}'" in failure
 
 
 @pytest.mark.parametrize("backend", SQLITE_BACKENDS, indirect=True, ids=lambda b: b.id)
@@ -323,10 +330,16 @@ async def test_one_binding_per_registry_at_a_time(db: AnyDB) -> None:
 async def test_each_function_refuses_the_other_kind_of_registry() -> None:
     sync_db = ScopedSession(create_engine("sqlite://"))
     async_db = AsyncScopedSession(create_async_engine("sqlite+aiosqlite://"))
-    with pytest.raises(TypeError, match=r"rolled_back\(\) takes a ScopedSession.*Use arolled_back\(\) instead"):
+    with pytest.raises(
+        TypeError,
+        match=r"rolled_back\(\) takes a ScopedSession.*Use arolled_back\(\) instead \(the 'adb_transaction' fixture",
+    ):
         with rolled_back(async_db):  # type: ignore[arg-type]
             pass  # pragma: no cover
-    with pytest.raises(TypeError, match=r"arolled_back\(\) takes an AsyncScopedSession.*Use rolled_back\(\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"arolled_back\(\) takes an AsyncScopedSession.*Use rolled_back\(\) instead \(the 'db_transaction'",
+    ):
         async with arolled_back(sync_db):  # type: ignore[arg-type]
             pass  # pragma: no cover
 

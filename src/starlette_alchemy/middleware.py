@@ -6,6 +6,9 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
+from sqlalchemy import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import sessionmaker
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -48,9 +51,15 @@ class DBSessionMiddleware:
         on_commit_failure: Callable[[CommitFailedError], Response | None] | None = None,
         websocket: Literal["manual", "off"] = "manual",
     ) -> None:
-        assert websocket in ("manual", "off"), "'websocket' must be 'manual' or 'off'."
         self.app = app
-        self.registries: tuple[AnyScopedSession, ...] = tuple(db) if isinstance(db, Sequence) else (db,)
+        self.registries = _registries(db)
+        _check_callable("commit_on", commit_on, "a function of the status code, True to commit: 'lambda status: ...'")
+        _check_callable("on_commit_failure", on_commit_failure, "a function of the error returning a Response or None")
+        if websocket not in ("manual", "off"):
+            raise ValueError(
+                f"'websocket' must be 'manual' (one scope per connection, the handler commits) or 'off' "
+                f"(no scope); got {websocket!r}."
+            )
         self.commit_on = commit_on or commit_2xx_3xx
         self.on_commit_failure = on_commit_failure
         self.websocket = websocket
@@ -80,15 +89,15 @@ class DBSessionMiddleware:
                 await self.app(scope, receive, send_after_settling)
             except CommitFailedError as exc:
                 await self._answer_commit_failure(exc, scope, receive, send)
-        except BaseException:
-            # Cleanup completes, but must not replace the exception in flight.
-            await end(opened, reraise=False)
+        except BaseException as exc:
+            await end(opened, error=exc)
             raise
         await end(opened)
 
     async def _settle_then_send(self, opened: Opened, message: Message, send: Send) -> None:
         # Don't forward the status line until the transaction's outcome is known.
-        await commit_or_roll_back(opened, commit=self.commit_on(message["status"]))
+        status = message["status"]
+        await commit_or_roll_back(opened, status=status, commit=self.commit_on(status))
         await send(message)
 
     async def _answer_commit_failure(self, exc: CommitFailedError, scope: Scope, receive: Receive, send: Send) -> None:
@@ -97,7 +106,10 @@ class DBSessionMiddleware:
         if response is None:
             logger.error("%s The client gets a 500.", exc, exc_info=True)
             raise exc
-        logger.info("%s 'on_commit_failure' answered %d.", exc, response.status_code)
+        # Name the error itself, on one line (SQLAlchemy adds a second one with a link).
+        cause = exc.__cause__
+        error = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        logger.info("%s The error: %s. 'on_commit_failure' answered %d.", exc, error, response.status_code)
         await response(scope, receive, send)
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -111,10 +123,46 @@ class DBSessionMiddleware:
         opened = open_scopes(self.registries, scope)
         try:
             await self.app(scope, receive, send)
-        except BaseException:
-            await end(opened, reraise=False)
+        except BaseException as exc:
+            await end(opened, error=exc)
             raise
         await end(opened)
+
+
+def _registries(db: object) -> tuple[AnyScopedSession, ...]:
+    """The registries that ``db`` names, or a ``TypeError``/``ValueError`` that says how to name them."""
+    if isinstance(db, ScopedSession | AsyncScopedSession):
+        return (db,)
+    if not isinstance(db, list | tuple):
+        raise TypeError(f"'db' must be a ScopedSession or an AsyncScopedSession, or a list of them; {_got(db)}")
+    if not db:
+        raise ValueError("'db' is an empty list, so the middleware would manage no database. Give it a registry.")
+    for index, registry in enumerate(db):
+        if not isinstance(registry, ScopedSession | AsyncScopedSession):
+            raise TypeError(f"'db[{index}]' must be a ScopedSession or an AsyncScopedSession; {_got(registry)}")
+    if len({id(registry) for registry in db}) != len(db):
+        raise ValueError("'db' names the same registry twice; give each registry once.")
+    return tuple(db)
+
+
+def _got(value: object) -> str:
+    """What was given, and how to turn it into a registry."""
+    if isinstance(value, AsyncEngine | async_sessionmaker):
+        fix = " Wrap it: 'AsyncScopedSession(...)'."
+    elif isinstance(value, Engine | sessionmaker):
+        fix = " Wrap it: 'ScopedSession(...)'."
+    elif isinstance(value, str):
+        fix = " Create an engine from the URL, and a registry from it: 'AsyncScopedSession(create_async_engine(url))'."
+    elif isinstance(value, set | frozenset):
+        fix = " A set has no order, and registries commit in order: give a list."
+    else:
+        fix = ""
+    return f"got {value!r} ({type(value).__name__}).{fix}"
+
+
+def _check_callable(name: str, value: object, expected: str) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"'{name}' must be {expected}; got {value!r} ({type(value).__name__}).")
 
 
 async def _send_then_run_after_commit(opened: Opened, message: Message, send: Send) -> None:

@@ -56,7 +56,7 @@ _SYNC_HOOK = (
 class ScopeState(Generic[_T]):
     """The mutable holder that one scope keeps in a registry's ContextVar."""
 
-    __slots__ = ("collector", "doomed", "ended", "hooks", "origin", "raw_sql", "sealed", "session")
+    __slots__ = ("collector", "doomed", "ended", "hooks", "loop_thread", "origin", "raw_sql", "sealed", "session")
 
     def __init__(self, hooks: Hooks | None = None, origin: MutableMapping[str, Any] | str | None = None) -> None:
         self.session: _T | None = None
@@ -68,6 +68,8 @@ class ScopeState(Generic[_T]):
         self.raw_sql = False
         # Who opened the scope, for messages: the request's ASGI scope, or a description.
         self.origin = origin
+        # For a sync registry's request scope: the event loop's thread, where its sessions must do no I/O.
+        self.loop_thread: int | None = None
         # Change tracking: the registry's hooks, and this scope's collector, made on first use.
         self.hooks = hooks
         self.collector: Collector | None = None

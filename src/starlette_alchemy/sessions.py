@@ -10,6 +10,7 @@ is found in ``session.info``; sessions made anywhere else are untouched.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -85,15 +86,18 @@ class _ScopeSession(Session):
 
     def commit(self) -> None:
         _refuse_if_closed_to_writes(self)
+        _note_blocking(self)
         super().commit()
 
     def connection(self, *args: Any, **kw: Any) -> Connection:
         state: ScopeState[Any] | None = self.info.get(_STATE_KEY)
-        if state is not None and state.sealed:
-            if state.ended:
-                raise NoActiveScopeError(_ENDED)
-            # What runs on the raw connection may write; what it leaves open is rolled back at close, with a warning.
-            state.raw_sql = True
+        if state is not None:
+            if state.sealed:
+                if state.ended:
+                    raise NoActiveScopeError(_ENDED)
+                # What runs on the raw connection may write: what it leaves open is rolled back, with a warning.
+                state.raw_sql = True
+            _note_blocking(self)
         return super().connection(*args, **kw)
 
 
@@ -108,16 +112,41 @@ def _refuse_if_closed_to_writes(session: Session) -> None:
         raise NoActiveScopeError(_ENDED) if state.ended else SessionSealedError(_SEALED)
 
 
+def _note_blocking(session: Session) -> None:
+    """Warn, once per route, when a sync registry's session does I/O on the event loop's own thread."""
+    state: ScopeState[Any] | None = session.info.get(_STATE_KEY)
+    if state is None or state.loop_thread != threading.get_ident():
+        return
+    route = state.describe()
+    if route not in _warned_blocking and len(_warned_blocking) < 1000:
+        _warned_blocking.add(route)
+        logger.warning(_BLOCKING, route)
+
+
+_BLOCKING = (
+    "A ScopedSession ran SQL on the event loop's own thread in %s (from an 'async def' endpoint, dependency or "
+    "task), so every other request waited for the database meanwhile. Use AsyncScopedSession there, or make the "
+    "endpoint a plain 'def', which Starlette runs in a worker thread."
+)
+# The routes warned of already: each is named once per process.
+_warned_blocking: set[str] = set()
+
+
 @event.listens_for(_ScopeSession, "before_flush")
 def _refuse_flush(session: Session, flush_context: Any, instances: Any) -> None:
     _refuse_if_closed_to_writes(session)
+    _note_blocking(session)
 
 
 @event.listens_for(_ScopeSession, "do_orm_execute")
 def _check_statement(execute_state: ORMExecuteState) -> None:
     session = execute_state.session
     state: ScopeState[Any] | None = session.info.get(_STATE_KEY)
-    if state is None or not state.sealed:
+    if state is None:
+        return
+    if state.loop_thread is not None:
+        _note_blocking(session)
+    if not state.sealed:
         return
     statement = execute_state.statement
     if state.ended:
@@ -161,8 +190,38 @@ def _base(track_changes: bool) -> type[Session]:
     return _TrackedScopeSession if track_changes else _ScopeSession
 
 
+_WRONG_BIND = "{registry}() takes {accepted}; it was given {given!r} ({kind}).{hint}"
+
+
+def _check_bind(registry: str, bind: object) -> None:
+    """Refuse, with the fix, what a registry cannot build sessions from."""
+    sync = registry == "ScopedSession"
+    if isinstance(bind, Engine | sessionmaker) if sync else isinstance(bind, AsyncEngine | async_sessionmaker):
+        return
+    if isinstance(bind, AsyncEngine | async_sessionmaker) if sync else isinstance(bind, Engine | sessionmaker):
+        hint = " Use 'AsyncScopedSession' for it." if sync else " Use 'ScopedSession' for it."
+    elif isinstance(bind, str):
+        factory = "create_engine" if sync else "create_async_engine"
+        hint = f" Create an engine from the URL first: {registry}({factory}({bind!r}))."
+    else:
+        hint = ""
+    accepted = "an Engine or a sessionmaker" if sync else "an AsyncEngine or an async_sessionmaker"
+    raise TypeError(
+        _WRONG_BIND.format(registry=registry, accepted=accepted, given=bind, kind=type(bind).__name__, hint=hint)
+    )
+
+
+def _check_track_changes(track_changes: object) -> None:
+    if not isinstance(track_changes, bool):
+        raise TypeError(
+            f"'track_changes' must be True or False; got {track_changes!r} ({type(track_changes).__name__})."
+        )
+
+
 def sync_factory(bind: Engine | sessionmaker[Any], track_changes: bool) -> sessionmaker[Any]:
     """A factory of the package's sessions: built for an engine, or a copy of the given one."""
+    _check_bind("ScopedSession", bind)
+    _check_track_changes(track_changes)
     if isinstance(bind, Engine):
         return sessionmaker(bind, class_=_base(track_changes), expire_on_commit=False)
     return sessionmaker(class_=_scope_class(bind.class_, _base(track_changes)), **bind.kw)
@@ -170,6 +229,8 @@ def sync_factory(bind: Engine | sessionmaker[Any], track_changes: bool) -> sessi
 
 def async_factory(bind: AsyncEngine | async_sessionmaker[Any], track_changes: bool) -> async_sessionmaker[Any]:
     """An async factory whose sync sessions are the package's: built for an engine, or a copy."""
+    _check_bind("AsyncScopedSession", bind)
+    _check_track_changes(track_changes)
     if isinstance(bind, AsyncEngine):
         return async_sessionmaker(bind, expire_on_commit=False, sync_session_class=_base(track_changes))
     sync_class = bind.kw.get("sync_session_class", bind.class_.sync_session_class)

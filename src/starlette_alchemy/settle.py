@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from contextvars import Token
@@ -37,7 +38,13 @@ Opened = list[tuple[AnyScopedSession, ScopeState[Any], Token[Any]]]
 
 def open_scopes(registries: tuple[AnyScopedSession, ...], origin: MutableMapping[str, Any]) -> Opened:
     """Open a fresh scope on every registry, in the current context, for the request *origin*."""
-    return [(registry, *registry.registry.open(origin)) for registry in registries]
+    opened: Opened = []
+    for registry in registries:
+        state, token = registry.registry.open(origin)
+        if isinstance(registry, ScopedSession):
+            state.loop_thread = threading.get_ident()
+        opened.append((registry, state, token))
+    return opened
 
 
 def in_use(opened: Opened) -> bool:
@@ -65,7 +72,7 @@ def seal(opened: Opened) -> None:
 # -- the status line: COMMIT or ROLLBACK ----------------------------------------------------
 
 
-async def commit_or_roll_back(opened: Opened, *, commit: bool) -> None:
+async def commit_or_roll_back(opened: Opened, *, status: int, commit: bool) -> None:
     """Commit (or roll back) every scope's transaction, then seal the sessions.
 
     A COMMIT, once begun, completes even if the request is cancelled meanwhile;
@@ -84,10 +91,24 @@ async def commit_or_roll_back(opened: Opened, *, commit: bool) -> None:
                 else:
                     with _logging_errors(session, "ROLLBACK"):
                         await _run(session, "rollback")
+                if logger.isEnabledFor(logging.DEBUG):
+                    _log_outcome(state, session, _decision(state, status, commits))
             if state.collector is not None:
                 state.collector._settle(committed=commits)
     finally:
         seal(opened)
+
+
+def _decision(state: ScopeState[Any], status: int, commits: bool) -> str:
+    if commits:
+        return f"committed (status {status})"
+    if state.doomed:
+        return f"rolled back (db.doom() was called; status {status})"
+    return f"rolled back (status {status} is not one that 'commit_on' commits)"
+
+
+def _log_outcome(state: ScopeState[Any], session: Session | AsyncSession, outcome: str) -> None:
+    logger.debug("%s on %s: %s.", state.describe(), _describe(session), outcome)
 
 
 async def _refuse_if_cancelled() -> None:
@@ -143,11 +164,12 @@ async def run_after_commit(opened: Opened) -> None:
     await run_to_completion(_after_commit([(registry, state.collector) for registry, state, _ in opened], opened))
 
 
-async def end(opened: Opened, *, reraise: bool = True) -> None:
+async def end(opened: Opened, *, error: BaseException | None = None) -> None:
     """End the request's scopes: close every session, run what after-commit work is left, restore the contextvars.
 
     The closing and the work complete even if the request is cancelled
-    meanwhile; the cancellation is re-raised afterwards if *reraise*.
+    meanwhile. That cancellation is re-raised afterwards, unless *error*, the
+    exception the request ended with, is on its way out already.
     """
     try:
         work: list[_Ending] = []
@@ -164,7 +186,7 @@ async def end(opened: Opened, *, reraise: bool = True) -> None:
             if session is not None or (collector is not None and collector._has_ready):
                 work.append((registry, state, session, collector))
         if work:
-            await run_to_completion(_end_with_io(work, opened), reraise=reraise)
+            await run_to_completion(_end_with_io(work, opened, error), reraise=error is None)
     finally:
         for registry, _, token in reversed(opened):
             registry.registry.reset(token)
@@ -174,16 +196,29 @@ async def end(opened: Opened, *, reraise: bool = True) -> None:
 _Ending = tuple[AnyScopedSession, ScopeState[Any], Session | AsyncSession | None, Collector | None]
 
 
-async def _end_with_io(work: list[_Ending], opened: Opened) -> None:
+async def _end_with_io(work: list[_Ending], opened: Opened, error: BaseException | None) -> None:
     for _, state, session, _ in work:
         if session is not None:
             _warn_of_leftovers(state, session)
+            if logger.isEnabledFor(logging.DEBUG):
+                _log_outcome(state, session, _why_rolled_back(state, error))
             with _logging_errors(session, "Closing the session"):
                 if isinstance(session, AsyncSession):
                     await aclose_or_discard(session)
                 else:
                     await _in_thread(close_or_discard, session)
     await _after_commit([(registry, collector) for registry, _, _, collector in work], opened)
+
+
+def _why_rolled_back(state: ScopeState[Any], error: BaseException | None) -> str:
+    """Why a transaction still open when its scope ends is rolled back."""
+    if isinstance(error, asyncio.CancelledError):
+        return "rolled back (the request was cancelled)"
+    if error is not None:
+        return f"rolled back (the request raised {type(error).__name__})"
+    if isinstance(state.origin, MutableMapping) and state.origin["type"] == "websocket":
+        return "rolled back (left open when the WebSocket closed)"
+    return "rolled back (left open after the response started, by reads or raw SQL: nothing commits it)"
 
 
 def _warn_of_leftovers(state: ScopeState[Any], session: Session | AsyncSession) -> None:
@@ -289,6 +324,6 @@ def _limiter(limiters: WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.Capaci
 
 def _describe(session: Session | AsyncSession) -> str:
     """Name a session's database for log messages, without its password."""
-    bind = session.bind
-    url = getattr(bind, "url", None)
+    # An Engine is its own engine; a Connection (as the testing kit binds) names its engine.
+    url = getattr(getattr(session.bind, "engine", None), "url", None)
     return f"'{url.render_as_string(hide_password=True)}'" if url is not None else "the session's database"

@@ -38,7 +38,9 @@ __all__ = [
     "rolled_back",
 ]
 
-_WRONG_KIND = "{function}() takes {expected}; {got} is {kind}. Use {other}() instead."
+_WRONG_KIND = (
+    "{function}() takes {expected}; {got} is {kind}. Use {other}() instead (the {fixture!r} fixture, in pytest)."
+)
 _NOT_ONE_ENGINE = (
     "{function}() needs a registry whose sessions are bound to one engine, but its session factory has bind={bind!r}. "
     "Create the registry from an engine, or from a sessionmaker with 'bind=engine'."
@@ -113,10 +115,13 @@ async def arolled_back(db: AsyncScopedSession[Any]) -> AsyncIterator[AsyncConnec
 
 def _wrong_kind(function: str, db: object) -> str:
     if function == "rolled_back":
-        expected, other = "a ScopedSession", "arolled_back"
+        expected, other, fixture = "a ScopedSession", "arolled_back", "adb_transaction"
     else:
-        expected, other = "an AsyncScopedSession", "rolled_back"
-    return _WRONG_KIND.format(function=function, expected=expected, got=repr(db), kind=type(db).__name__, other=other)
+        expected, other, fixture = "an AsyncScopedSession", "rolled_back", "db_transaction"
+    kind = type(db).__name__
+    return _WRONG_KIND.format(
+        function=function, expected=expected, got=repr(db), kind=kind, other=other, fixture=fixture
+    )
 
 
 def _engine(factory: sessionmaker[Any] | async_sessionmaker[Any], kind: type[Any], function: str) -> Any:
