@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -22,13 +22,22 @@ from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, session
 from .exceptions import NoActiveScopeError, SessionSealedError
 from .lifecycle import _TrackedSession
 
-if TYPE_CHECKING:
-    from .scoped import ScopeState
-
 logger = logging.getLogger("starlette_alchemy")
 
 # Where a session created by a registry keeps the ScopeState that owns it.
 _STATE_KEY = "starlette_alchemy.scope"
+
+
+class _Scope(Protocol):
+    """What the guards read and write of the ``ScopeState`` (scoped.py) that owns a session."""
+
+    sealed: bool
+    ended: bool
+    raw_sql: bool
+    loop_thread: int | None
+
+    def describe(self) -> str: ...
+
 
 _SEALED = (
     "The response has already started, so this request's session is sealed and may not write. "
@@ -90,7 +99,7 @@ class _ScopeSession(Session):
         super().commit()
 
     def connection(self, *args: Any, **kw: Any) -> Connection:
-        state: ScopeState[Any] | None = self.info.get(_STATE_KEY)
+        state: _Scope | None = self.info.get(_STATE_KEY)
         if state is not None:
             if state.sealed:
                 if state.ended:
@@ -107,14 +116,14 @@ class _TrackedScopeSession(_TrackedSession, _ScopeSession):
 
 def _refuse_if_closed_to_writes(session: Session) -> None:
     """Raise if *session*'s scope is sealed (``SessionSealedError``) or ended (``NoActiveScopeError``)."""
-    state: ScopeState[Any] | None = session.info.get(_STATE_KEY)
+    state: _Scope | None = session.info.get(_STATE_KEY)
     if state is not None and state.sealed:
         raise NoActiveScopeError(_ENDED) if state.ended else SessionSealedError(_SEALED)
 
 
 def _note_blocking(session: Session) -> None:
     """Warn, once per route, when a sync registry's session does I/O on the event loop's own thread."""
-    state: ScopeState[Any] | None = session.info.get(_STATE_KEY)
+    state: _Scope | None = session.info.get(_STATE_KEY)
     if state is None or state.loop_thread != threading.get_ident():
         return
     route = state.describe()
@@ -141,7 +150,7 @@ def _refuse_flush(session: Session, flush_context: Any, instances: Any) -> None:
 @event.listens_for(_ScopeSession, "do_orm_execute")
 def _check_statement(execute_state: ORMExecuteState) -> None:
     session = execute_state.session
-    state: ScopeState[Any] | None = session.info.get(_STATE_KEY)
+    state: _Scope | None = session.info.get(_STATE_KEY)
     if state is None:
         return
     if state.loop_thread is not None:
@@ -167,7 +176,7 @@ def _reads(statement: Any) -> bool:
 def _refuse_begin_after_the_end(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
     # Work started before the scope ended (another task's query on the same session)
     # may acquire a connection after it: give that connection back at once.
-    state: ScopeState[Any] | None = session.info.get(_STATE_KEY)
+    state: _Scope | None = session.info.get(_STATE_KEY)
     if state is not None and state.ended and _owns(session):
         connection.invalidate()
         raise NoActiveScopeError(_ENDED)
