@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 import uvicorn
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.conftest import POSTGRES_URL
 
 ROOT = Path(__file__).parent.parent
 BLOCK = re.compile(r"(?:<!-- example: (?P<name>[\w-]+) -->\n)?```(?P<language>\w+)\n(?P<code>.*?)```", re.DOTALL)
@@ -35,25 +38,35 @@ def blocks(language: str) -> list[tuple[str | None, int, str]]:
 
 def test_the_readme_has_the_blocks_this_test_expects() -> None:
     assert len(blocks("python")) >= 10
-    assert {name for name, _, _ in blocks("python")} >= {"fastapi", "starlette", "several", "pytest", None}
+    assert {name for name, _, _ in blocks("python")} >= {
+        "fastapi",
+        "starlette",
+        "several",
+        "pytest",
+        "pytest-async",
+        None,
+    }
 
 
-def test_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("runs", [2])
+def test_python_blocks_run_and_run_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runs: int) -> None:
+    # Twice in the same directory: a reader runs them again, on the SQLite files the first run left.
     monkeypatch.chdir(tmp_path)
-    namespaces: dict[str, dict[str, Any]] = {}
-    for name, line, code in blocks("python"):
-        if name == "pytest":
-            continue  # test_the_test_module_passes runs it
-        namespace = namespaces.setdefault(name, {}) if name else {}
-        namespace.setdefault("__name__", f"readme_{name or line}")
-        # dont_inherit: the blocks run without this module's ``from __future__ import annotations``.
-        exec(compile(code, f"README.md:{line}", "exec", dont_inherit=True), namespace)
-    for namespace in namespaces.values():
-        for value in namespace.values():
-            if isinstance(value, Engine):
-                value.dispose()
-            elif isinstance(value, AsyncEngine):
-                assert value.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    for _ in range(runs):
+        namespaces: dict[str, dict[str, Any]] = {}
+        for name, line, code in blocks("python"):
+            if name in ("pytest", "pytest-async"):
+                continue  # the tests below run them, as pytest would
+            namespace = namespaces.setdefault(name, {}) if name else {}
+            namespace.setdefault("__name__", f"readme_{name or line}")
+            # dont_inherit: the blocks run without this module's ``from __future__ import annotations``.
+            exec(compile(code, f"README.md:{line}", "exec", dont_inherit=True), namespace)
+        for namespace in namespaces.values():
+            for value in namespace.values():
+                if isinstance(value, Engine):
+                    value.dispose()
+                elif isinstance(value, AsyncEngine):
+                    assert value.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 def test_the_test_module_passes_and_leaves_the_database_empty(pytester: pytest.Pytester) -> None:
@@ -64,6 +77,29 @@ def test_the_test_module_passes_and_leaves_the_database_empty(pytester: pytest.P
     engine = create_engine(f"sqlite:///{pytester.path / 'items.db'}")
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM item").scalar() == 0
+    engine.dispose()
+
+
+def test_the_async_test_module_passes_on_postgresql(pytester: pytest.Pytester) -> None:
+    # On PostgreSQL with asyncpg when the suite has one (CI always does), else on a SQLite file.
+    if POSTGRES_URL is not None:
+        url = sa.make_url(POSTGRES_URL).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+        inspection = sa.make_url(url).set(drivername="postgresql+psycopg")
+    else:
+        url = f"sqlite+aiosqlite:///{pytester.path / 'products.db'}"
+        inspection = sa.make_url(url).set(drivername="sqlite+pysqlite")
+    ((_, _, code),) = [block for block in blocks("python") if block[0] == "pytest-async"]
+    pytester.makepyfile(test_products=code)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DATABASE_URL", url)
+        # Twice, in random order: the second run must not trip over the first one's pooled connections.
+        for _ in range(2):
+            result = pytester.runpytest_subprocess("-p", "random_order", "--random-order", "-p", "anyio")
+            result.assert_outcomes(passed=2)
+    engine = create_engine(inspection)
+    with engine.begin() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM product").scalar() == 0
+        conn.exec_driver_sql("DROP TABLE product")
     engine.dispose()
 
 

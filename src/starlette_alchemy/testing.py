@@ -98,19 +98,28 @@ async def arolled_back(db: AsyncScopedSession[Any]) -> AsyncIterator[AsyncConnec
     """Like ``rolled_back()``, for an ``AsyncScopedSession``; yields an ``AsyncConnection``.
 
     Run the app in the test's event loop (``httpx.ASGITransport``, or uvicorn
-    started in that loop): the connection belongs to it.
+    started in that loop): the connection belongs to it. At the end the
+    engine's pool is emptied, so no connection of this loop is handed to the
+    next test, which anyio runs in a loop of its own.
     """
     if not isinstance(db, AsyncScopedSession):
         raise TypeError(_wrong_kind("arolled_back", db))
     engine = _engine(db.session_factory, AsyncEngine, "arolled_back")
-    async with engine.connect() as connection:
-        end = await connection.run_sync(_begin_outer)
-        session_class = db.session_factory.kw["sync_session_class"]
-        try:
-            with _bound(db.session_factory, connection), _watching_scopes(session_class, connection.sync_connection):
-                yield connection
-        finally:
-            await connection.run_sync(end)
+    try:
+        async with engine.connect() as connection:
+            end = await connection.run_sync(_begin_outer)
+            session_class = db.session_factory.kw["sync_session_class"]
+            try:
+                with (
+                    _bound(db.session_factory, connection),
+                    _watching_scopes(session_class, connection.sync_connection),
+                ):
+                    yield connection
+            finally:
+                await connection.run_sync(end)
+    finally:
+        # An asyncpg or aiosqlite connection works only in the event loop that opened it.
+        await engine.dispose()
 
 
 def _wrong_kind(function: str, db: object) -> str:
