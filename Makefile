@@ -14,11 +14,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The suite, then the testing kit's own tests again: in random order, on two workers sharing the database.
+# The suite under coverage; the testing kit's own tests again, in random order, on two workers sharing
+# the database; then the soaks (thousands of requests through uvicorn per backend), two at a time.
 test: $(STAMP)
-	$(BIN)/python -m coverage run -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m coverage run -m pytest -m "not slow" $(PYTEST_ARGS)
 	$(BIN)/python -m coverage report
 	$(BIN)/python -m pytest -q -n 2 --random-order tests/test_testing.py tests/test_pytest_plugin.py
+	$(BIN)/python -m pytest -q -n 2 -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check src tests examples bench
@@ -28,9 +30,11 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/tour.py
 
-# The FastAPI example on http://127.0.0.1:8000 (docs at /docs); SQLite in example.db unless DATABASE_URL is set.
+# The FastAPI example on http://$(HOST):$(PORT) (docs at /docs); SQLite in example.db unless DATABASE_URL is set.
+HOST ?= 127.0.0.1
+PORT ?= 8000
 serve: $(STAMP)
-	$(BIN)/python -m uvicorn examples.fastapi_app:app --host 127.0.0.1 --port 8000
+	$(BIN)/python -m uvicorn examples.fastapi_app:app --host $(HOST) --port $(PORT)
 
 # What the integration costs per request; BENCH_ARGS=--quick for a run under a minute.
 bench: $(STAMP)

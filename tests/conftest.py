@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,110 @@ from tests.support import AnyDB
 # pytester runs the pytest plugin's own tests in subprocesses.
 pytest_plugins = ["pytester"]
 
-POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL")
+
+@dataclass(frozen=True)
+class Server:
+    """A database server to test on, named by an environment variable.
+
+    The suite never touches the database that variable names: it creates a
+    database of its own on that server for the run, and drops it at the end.
+    """
+
+    variable: str  # TEST_POSTGRES_URL or TEST_MYSQL_URL
+    name: str
+    admin_driver: str  # a sync driver, for CREATE and DROP DATABASE and for reading back
+    quote: str  # how the server quotes an identifier
+    drop: str  # DROP DATABASE, with what makes it end the run's own leftover connections
+
+    @property
+    def configured(self) -> str | None:
+        return os.environ.get(self.variable)
+
+    @contextmanager
+    def admin(self, database: str | None = None) -> Iterator[sa.Connection]:
+        """An AUTOCOMMIT connection to the configured database (or *database*)."""
+        assert self.configured is not None
+        url = sa.make_url(self.configured).set(drivername=self.admin_driver)
+        if database is not None:
+            url = url.set(database=database)
+        engine = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as connection:
+                yield connection
+        finally:
+            engine.dispose()
+
+    def tables(self) -> list[tuple[Any, ...]]:
+        """Every table of the configured database, in every schema."""
+        with self.admin() as connection:
+            schema = "table_schema = database()" if self.name == "MariaDB" else "true"
+            query = f"SELECT table_schema, table_name FROM information_schema.tables WHERE {schema} ORDER BY 1, 2"
+            return [tuple(row) for row in connection.exec_driver_sql(query)]
+
+
+POSTGRESQL = Server("TEST_POSTGRES_URL", "PostgreSQL", "postgresql+psycopg", '"', "DROP DATABASE {} WITH (FORCE)")
+MARIADB = Server("TEST_MYSQL_URL", "MariaDB", "mysql+pymysql", "`", "DROP DATABASE {}")
+SERVERS = [POSTGRESQL, MARIADB]
+# The run's own database on each configured server, once pytest_configure has created it.
+RUN_URLS: dict[str, str] = {}
+POSTGRES_URL = POSTGRESQL.configured  # replaced by the run's own database in pytest_configure
+MYSQL_URL = MARIADB.configured
+# How pytest-xdist workers, started after the controller created the run's database, learn its name.
+_RUN_DATABASE = "STARLETTE_ALCHEMY_TEST_DATABASE"
+_created = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global POSTGRES_URL, MYSQL_URL
+    configured = [server for server in SERVERS if server.configured]
+    if not configured:
+        return
+    name = os.environ.get(_RUN_DATABASE)
+    if name is None:
+        name = f"starlette_alchemy_test_{os.getpid()}_{secrets.token_hex(3)}"
+        for server in configured:
+            with server.admin() as connection:
+                connection.exec_driver_sql(f"CREATE DATABASE {server.quote}{name}{server.quote}")
+        os.environ[_RUN_DATABASE] = name
+        config.stash[_created] = name
+    for server in configured:
+        url = sa.make_url(server.configured).set(database=name)  # type: ignore[arg-type]
+        RUN_URLS[server.name] = url.render_as_string(hide_password=False)
+    POSTGRES_URL = RUN_URLS.get(POSTGRESQL.name)
+    MYSQL_URL = RUN_URLS.get(MARIADB.name)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    name = config.stash.get(_created, None)
+    if name is None:
+        return
+    for server in SERVERS:
+        if server.configured:
+            with server.admin() as connection:
+                connection.exec_driver_sql(server.drop.format(f"{server.quote}{name}{server.quote}"))
+    del os.environ[_RUN_DATABASE]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for server, example in (
+        (POSTGRESQL, "postgresql://user@host:5432/database"),
+        (MARIADB, "mysql://user@host:3306/database"),
+    ):
+        if not server.configured:
+            terminalreporter.write_line(
+                f"{server.name} backends were skipped: set {server.variable}={example} to run them too "
+                "(the suite works in a database of its own, created and dropped on that server)."
+            )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_configured_databases_are_left_as_they_were() -> Iterator[None]:
+    """Every table of each configured database is there after the run, and no other."""
+    configured = [server for server in SERVERS if server.configured]
+    before = [server.tables() for server in configured]
+    yield
+    after = [server.tables() for server in configured]
+    assert after == before, "the test run changed the tables of a database TEST_POSTGRES_URL or TEST_MYSQL_URL names"
 
 
 @dataclass(frozen=True)
@@ -31,19 +135,32 @@ class Backend:
 
     id: str
     kind: str  # "sync" or "async"
-    dialect: str  # "sqlite" or "postgresql"
+    dialect: str  # "sqlite", "postgresql" or "mysql"
     driver: str
 
-    def url(self, tmp_path: Path) -> str:
+    def url(self, tmp_path: Path, database: str | None = None) -> str:
+        """The run's database on the backend's server (or *database* there); a SQLite file in *tmp_path*."""
         if self.dialect == "sqlite":
             return f"sqlite+{self.driver}:///{tmp_path / 'test.db'}"
-        assert POSTGRES_URL is not None
-        return sa.make_url(POSTGRES_URL).set(drivername=f"postgresql+{self.driver}").render_as_string(False)
+        url = sa.make_url(POSTGRES_URL if self.dialect == "postgresql" else MYSQL_URL)  # type: ignore[arg-type]
+        if database is not None:
+            url = url.set(database=database)
+        return url.set(drivername=f"{self.dialect}+{self.driver}").render_as_string(False)
 
-    def inspection_url(self, tmp_path: Path) -> str:
+    def inspection_url(self, tmp_path: Path, database: str | None = None) -> str:
         """A synchronous URL to the same database, for reading back with a separate connection."""
-        driver = "pysqlite" if self.dialect == "sqlite" else "psycopg"
-        return sa.make_url(self.url(tmp_path)).set(drivername=f"{self.dialect}+{driver}").render_as_string(False)
+        driver = {"sqlite": "pysqlite", "postgresql": "psycopg", "mysql": "pymysql"}[self.dialect]
+        url = sa.make_url(self.url(tmp_path, database))
+        return url.set(drivername=f"{self.dialect}+{driver}").render_as_string(False)
+
+    @property
+    def server(self) -> Server | None:
+        return {"postgresql": POSTGRESQL, "mysql": MARIADB}.get(self.dialect)
+
+    @property
+    def defers_constraints(self) -> bool:
+        """True if a foreign key can wait for COMMIT, so a flush passes and the COMMIT fails (not MySQL's)."""
+        return self.dialect != "mysql"
 
 
 SQLITE_BACKENDS = [
@@ -55,7 +172,13 @@ POSTGRES_BACKENDS = [
     Backend("async-asyncpg", "async", "postgresql", "asyncpg"),
     Backend("async-psycopg", "async", "postgresql", "psycopg"),
 ]
-BACKENDS = SQLITE_BACKENDS + (POSTGRES_BACKENDS if POSTGRES_URL else [])
+MYSQL_BACKENDS = [
+    Backend("sync-pymysql", "sync", "mysql", "pymysql"),
+    Backend("async-aiomysql", "async", "mysql", "aiomysql"),
+]
+BACKENDS = SQLITE_BACKENDS + (POSTGRES_BACKENDS if POSTGRES_URL else []) + (MYSQL_BACKENDS if MYSQL_URL else [])
+# Where a deferred foreign key lets a flush pass and the COMMIT fail.
+COMMIT_FAILURE_BACKENDS = [backend for backend in BACKENDS if backend.defers_constraints]
 SYNC_BACKENDS = [backend for backend in BACKENDS if backend.kind == "sync"]
 ASYNC_BACKENDS = [backend for backend in BACKENDS if backend.kind == "async"]
 
@@ -73,25 +196,31 @@ def transport(request: pytest.FixtureRequest) -> str:
     return name
 
 
-@pytest.fixture(scope="session")
-def postgres_schema() -> Iterator[None]:
-    """Create the test tables once per run on PostgreSQL; fail loudly if it is unreachable."""
-    engine = postgres_engine()
+def ensure_tables(backend: Backend) -> None:
+    """Create the test tables in the run's database on the backend's server, once per process.
+
+    Parallel workers share that database: the server's own lock keeps two from creating at once.
+    """
+    if backend.dialect in _tables_created:
+        return
+    engine = create_engine(backend.inspection_url(Path()))
+    lock, unlock = _LOCKS[backend.dialect]
     try:
         with engine.begin() as conn:
-            Base.metadata.drop_all(conn)
+            conn.exec_driver_sql(lock)
             Base.metadata.create_all(conn)
-        yield
-        with engine.begin() as conn:
-            Base.metadata.drop_all(conn)
+            if unlock:
+                conn.exec_driver_sql(unlock)
     finally:
         engine.dispose()
+    _tables_created.add(backend.dialect)
 
 
-def postgres_engine() -> Engine:
-    """A synchronous engine on the PostgreSQL test database."""
-    assert POSTGRES_URL is not None
-    return create_engine(sa.make_url(POSTGRES_URL).set(drivername="postgresql+psycopg"))
+_tables_created: set[str] = set()
+_LOCKS = {
+    "postgresql": ("SELECT pg_advisory_xact_lock(7321)", ""),
+    "mysql": ("SELECT GET_LOCK('starlette_alchemy_tables', 60)", "SELECT RELEASE_LOCK('starlette_alchemy_tables')"),
+}
 
 
 @pytest.fixture(params=BACKENDS, ids=lambda b: b.id)
@@ -104,8 +233,8 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 def inspection_engine(backend: Backend, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Engine]:
     """A separate synchronous engine on the test database, with fresh empty tables."""
     engine = create_engine(backend.inspection_url(tmp_path))
-    if backend.dialect == "postgresql":
-        request.getfixturevalue("postgres_schema")
+    if backend.dialect != "sqlite":
+        ensure_tables(backend)
         with engine.begin() as conn:
             for table in reversed(Base.metadata.sorted_tables):
                 conn.execute(table.delete())
@@ -130,17 +259,17 @@ async def engine(
 
 @asynccontextmanager
 async def engine_for(
-    backend: Backend, tmp_path: Path, *, savepoints: bool = False
+    backend: Backend, tmp_path: Path, *, savepoints: bool = False, database: str | None = None
 ) -> AsyncIterator[Engine | AsyncEngine]:
     """An engine of the backend's kind; on exit its pool must have every connection checked in."""
     if backend.kind == "sync":
-        sync_engine = create_engine(backend.url(tmp_path))
+        sync_engine = create_engine(backend.url(tmp_path, database))
         configure_sqlite(sync_engine, savepoints=savepoints)
         yield sync_engine
         assert checked_out(sync_engine) == 0
         sync_engine.dispose()
     else:
-        async_engine = create_async_engine(backend.url(tmp_path))
+        async_engine = create_async_engine(backend.url(tmp_path, database))
         configure_sqlite(async_engine.sync_engine, savepoints=savepoints)
         yield async_engine
         assert checked_out(async_engine) == 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, ForeignKey, String
+from sqlalchemy import JSON, ForeignKeyConstraint, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -18,12 +18,21 @@ class Item(Base):
 
 
 class Note(Base):
-    """A row whose foreign key is checked only at COMMIT, so a flush succeeds and the COMMIT fails."""
+    """A row whose foreign key is checked only at COMMIT, so a flush succeeds and the COMMIT fails.
+
+    MySQL and MariaDB cannot defer a constraint: there the key is checked at once, by the flush.
+    """
 
     __tablename__ = "note"
+    __table_args__ = (
+        ForeignKeyConstraint(["item_id"], ["item.id"], deferrable=True, initially="DEFERRED").ddl_if(
+            callable_=lambda ddl, target, bind, tables=None, state=None, *, dialect, **kw: dialect.name != "mysql"
+        ),
+        ForeignKeyConstraint(["item_id"], ["item.id"]).ddl_if(dialect="mysql"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    item_id: Mapped[int] = mapped_column(ForeignKey("item.id", deferrable=True, initially="DEFERRED"))
+    item_id: Mapped[int]
 
 
 class AuditLog(Base):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -133,12 +134,13 @@ def free_port() -> int:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[str]:
-    """``make serve``'s command, on a free port and a fresh SQLite file; yields the base URL."""
+    """``make serve``, on a free port (``PORT``) and a fresh SQLite file; yields the base URL."""
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'example.db'}", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'example.db'}"}
+    command = ["make", "--no-print-directory", "-C", str(ROOT), "serve", "HOST=127.0.0.1", f"PORT={port}"]
     log = (tmp_path / "uvicorn.log").open("wb")
-    server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # A session of its own, so that stopping it stops make's uvicorn too.
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -151,7 +153,7 @@ def served(tmp_path: Path) -> Iterator[str]:
                 time.sleep(0.1)
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=10)
         log.close()
 

@@ -32,7 +32,7 @@ from starlette_alchemy import (
     ScopedSession,
     SessionSealedError,
 )
-from tests.conftest import SYNC_BACKENDS, checked_out
+from tests.conftest import COMMIT_FAILURE_BACKENDS, SYNC_BACKENDS, checked_out
 from tests.models import Item, Note
 from tests.support import AnyDB, build, committed_names, counting_session_class, http_client, resolve, run, scope
 
@@ -187,6 +187,7 @@ async def test_commit_on_can_restrict_commits_to_2xx(db: AnyDB, inspection_engin
     assert committed_names(inspection_engine) == {"ok"}
 
 
+@pytest.mark.parametrize("backend", COMMIT_FAILURE_BACKENDS, indirect=True, ids=lambda b: b.id)
 async def test_failed_commit_is_a_500_and_skips_background_tasks(
     db: AnyDB, engine: Engine | AsyncEngine, inspection_engine: Engine, transport: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -203,6 +204,7 @@ async def test_failed_commit_is_a_500_and_skips_background_tasks(
     assert checked_out(engine) == 0
 
 
+@pytest.mark.parametrize("backend", COMMIT_FAILURE_BACKENDS, indirect=True, ids=lambda b: b.id)
 async def test_on_commit_failure_can_answer_instead_of_the_500(
     db: AnyDB, inspection_engine: Engine, transport: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -332,6 +334,7 @@ async def test_commit_happens_before_the_status_line_and_frees_the_connection(
     assert seen == [({"early"}, 0)]
 
 
+@pytest.mark.parametrize("backend", COMMIT_FAILURE_BACKENDS, indirect=True, ids=lambda b: b.id)
 async def test_failed_commit_never_forwards_the_start_message(db: AnyDB) -> None:
     inner_errors: list[BaseException] = []
 
@@ -610,6 +613,8 @@ def slow_query(engine: Engine | AsyncEngine) -> Any:
     """A statement that runs for about a second on the engine's database."""
     if engine.dialect.name == "postgresql":
         return sa.text("SELECT pg_sleep(1)")
+    if engine.dialect.name == "mysql":
+        return sa.text("SELECT SLEEP(1)")
     return sa.text(
         "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) SELECT count(*) FROM c"
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from starlette_alchemy import (
     TrackingDisabledError,
 )
 from starlette_alchemy.testing import LostCommitWarning, arolled_back, assert_changes, capture_on_commit, rolled_back
-from tests.conftest import ASYNC_BACKENDS, SQLITE_BACKENDS, Backend, engine_for, postgres_engine
+from tests.conftest import ASYNC_BACKENDS, SQLITE_BACKENDS, Backend, engine_for, ensure_tables
 from tests.models import AuditLog, Base, Item
 from tests.support import AnyDB, http_client, resolve, run, scope
 
@@ -44,19 +44,6 @@ pytestmark = pytest.mark.anyio
 
 
 # -- fixtures: a database the tests must leave exactly as they found it ----------------------
-
-
-@pytest.fixture(scope="session")
-def postgres_tables() -> Iterator[None]:
-    """Create the tables that are missing, under a lock: parallel workers share the database."""
-    engine = postgres_engine()
-    try:
-        with engine.begin() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7321)"))
-            Base.metadata.create_all(conn)
-        yield
-    finally:
-        engine.dispose()
 
 
 def snapshot(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
@@ -69,8 +56,8 @@ def snapshot(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
 async def engine(backend: Backend, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     """The app's engine; after the test, every table must hold what it held before, and no connection be out."""
     inspection = create_engine(backend.inspection_url(tmp_path))
-    if backend.dialect == "postgresql":
-        request.getfixturevalue("postgres_tables")
+    if backend.dialect != "sqlite":
+        ensure_tables(backend)
     else:
         Base.metadata.create_all(inspection)
         # A committed row that tests may change: it must come back unchanged.
