@@ -189,6 +189,13 @@ async def test_every_write_after_the_response_is_refused(db: AnyDB, inspection_e
         await attempt("add_all", db.add_all, [Item(name="added late too")])
         await attempt("delete", db.delete, item)
         await attempt("merge", db.merge, Item(id=1, name="merged late"))
+        await attempt("delete_all", db.delete_all, [item])
+        await attempt("merge_all", db.merge_all, [Item(id=1, name="merged late")])
+        # The legacy bulk methods, on the synchronous Session.
+        sync: Any = db().sync_session if isinstance(db, AsyncScopedSession) else db
+        await attempt("bulk_save_objects", sync.bulk_save_objects, [Item(name="bulk late")])
+        await attempt("bulk_insert_mappings", sync.bulk_insert_mappings, Item, [{"name": "mapped late"}])
+        await attempt("bulk_update_mappings", sync.bulk_update_mappings, Item, [{"id": 1, "name": "remapped"}])
         await attempt("orm insert", db.execute, sa.insert(Item).values(name="inserted late"))
         await attempt("orm update", db.execute, sa.update(Item).values(name="updated late"))
         await attempt("orm delete", db.execute, sa.delete(Item))
@@ -204,7 +211,9 @@ async def test_every_write_after_the_response_is_refused(db: AnyDB, inspection_e
     app = Starlette(routes=[Route("/", write, methods=["POST"])], middleware=[Middleware(DBSessionMiddleware, db=db)])
     async with http_client(app, transport) as client:
         assert (await client.post("/")).status_code == 200
-    expected = ["add", "add_all", "delete", "merge", "orm insert", "orm update", "orm delete", "flush", "commit"]
+    expected = ["add", "add_all", "delete", "merge", "delete_all", "merge_all", "bulk_save_objects"]
+    expected += ["bulk_insert_mappings", "bulk_update_mappings", "orm insert", "orm update", "orm delete"]
+    expected += ["flush", "commit"]
     assert (refused, allowed) == (expected, [])
     assert committed_names(inspection_engine) == {"the request's"}
 
@@ -216,7 +225,11 @@ async def test_raw_sql_after_the_response_is_never_committed_and_is_reported(
     outcomes: list[str] = []
 
     async def background(name: str, then_commit: bool) -> None:
-        await run(db.execute, insert, {"name": name})
+        if name.startswith("connection"):
+            connection = await run(db.connection)
+            await run(connection.execute, insert, {"name": name})
+        else:
+            await run(db.execute, insert, {"name": name})
         if then_commit:
             try:
                 await run(db.commit)
@@ -237,11 +250,12 @@ async def test_raw_sql_after_the_response_is_never_committed_and_is_reported(
     async with http_client(app, transport) as client:
         await client.post("/raw/left-open")
         await client.post("/raw/then-commit")
+        await client.post("/raw/connection-left-open")
         await client.get("/read")
     assert outcomes == ["then-commit: commit refused"]
     assert committed_names(inspection_engine) == set()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "starlette_alchemy"]
-    assert len(warnings) == 2, [r.getMessage() for r in warnings]
+    assert len(warnings) == 3, [r.getMessage() for r in warnings]
     assert all("'POST /raw/{name}'" in r.getMessage() and "discarded" in r.getMessage() for r in warnings)
     assert checked_out(engine) == 0
 

@@ -348,6 +348,28 @@ async def test_a_scope_that_ended_refuses_code_that_outlived_it(db: AnyDB, engin
     assert checked_out(engine) == 0
 
 
+async def test_a_connection_acquired_after_the_scope_ended_goes_back_at_once(
+    db: AnyDB, engine: Engine | AsyncEngine
+) -> None:
+    # Another task's query began before the scope ended and gets its connection after: the
+    # end lands during the checkout here, deterministically.
+    pool_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+
+    async with scope(db, commit=False):
+        state = db.registry.current()
+        session = db()
+
+        def end_now(*args: Any) -> None:
+            state.sealed = state.ended = True
+
+        sa.event.listen(pool_engine, "checkout", end_now, once=True)
+        with pytest.raises(NoActiveScopeError, match="This scope has ended"):
+            await resolve(session.execute(sa.select(1)))
+        assert checked_out(engine) == 0
+        state.sealed = state.ended = False
+    assert checked_out(engine) == 0
+
+
 # -- threads and tasks -------------------------------------------------------------
 
 

@@ -23,8 +23,9 @@ from starlette.requests import HTTPConnection
 
 from .exceptions import NoActiveScopeError, StarletteAlchemyError
 from .lifecycle import Collector
-from .middleware import SCOPE_KEY, AnyScopedSession
+from .middleware import SCOPE_KEY
 from .scoped import AsyncScopedSession, ScopedSession
+from .settle import AnyScopedSession
 
 __all__ = ["CollectorDep", "SessionDep", "SyncSessionDep", "registry_of"]
 

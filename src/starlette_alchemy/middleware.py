@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
@@ -14,13 +14,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .exceptions import CommitFailedError
 from .scoped import AsyncScopedSession, ScopedSession
-from .settle import Opened, after_commit_ready, commit_or_roll_back, end, in_use, open_scopes, run_after_commit, seal
+from .settle import (
+    AnyScopedSession,
+    Opened,
+    after_commit_ready,
+    commit_or_roll_back,
+    end,
+    forget,
+    in_use,
+    open_scopes,
+    run_after_commit,
+    seal,
+)
 
 __all__ = ["DBSessionMiddleware"]
 
 logger = logging.getLogger("starlette_alchemy")
 
-AnyScopedSession = ScopedSession[Any] | AsyncScopedSession[Any]
 # The key under which the middleware lists its registries in each ASGI scope (see fastapi.py).
 SCOPE_KEY = "starlette_alchemy.registries"
 
@@ -92,7 +102,10 @@ class DBSessionMiddleware:
         except BaseException as exc:
             await end(opened, error=exc)
             raise
-        await end(opened)
+        if in_use(opened):
+            await end(opened)
+        else:
+            forget(opened)  # no session was ever created: nothing to await
 
     async def _settle_then_send(self, opened: Opened, message: Message, send: Send) -> None:
         # Don't forward the status line until the transaction's outcome is known.
@@ -108,8 +121,14 @@ class DBSessionMiddleware:
             raise exc
         # Name the error itself, on one line (SQLAlchemy adds a second one with a link).
         cause = exc.__cause__
-        error = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-        logger.info("%s The error: %s. 'on_commit_failure' answered %d.", exc, error, response.status_code)
+        first_line = (str(cause).splitlines() or [""])[0]
+        logger.info(
+            "%s The error: %s: %s. 'on_commit_failure' answered %d.",
+            exc,
+            type(cause).__name__,
+            first_line,
+            response.status_code,
+        )
         await response(scope, receive, send)
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -27,7 +27,7 @@ from .scoped import AsyncScopedSession, ScopedSession, ScopeState, _sync
 from .sessions import aclose_or_discard, acommit_or_discard, close_or_discard, commit_or_discard
 from .shield import run_to_completion
 
-__all__ = ["Opened", "commit_or_roll_back", "end", "open_scopes", "run_after_commit", "seal"]
+__all__ = ["Opened", "commit_or_roll_back", "end", "forget", "open_scopes", "run_after_commit", "seal"]
 
 logger = logging.getLogger("starlette_alchemy")
 
@@ -190,6 +190,13 @@ async def end(opened: Opened, *, error: BaseException | None = None) -> None:
     finally:
         for registry, _, token in reversed(opened):
             registry.registry.reset(token)
+
+
+def forget(opened: Opened) -> None:
+    """End scopes that never created a session or collector, and restore the contextvars."""
+    for registry, state, token in reversed(opened):
+        state.end()
+        registry.registry.reset(token)
 
 
 # One scope that needs I/O to end: its session to close (a transaction is open), or after-commit work to run.
