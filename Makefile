@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo serve bench bench-lifecycle clean
+.PHONY: test lint demo serve bench bench-lifecycle bench-policy clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: $(STAMP)
 # What change tracking costs (issue 4); BENCH_ARGS=--quick for a smoke run.
 bench-lifecycle: $(STAMP)
 	$(BIN)/python -m bench.lifecycle $(BENCH_ARGS)
+
+# What per-route transaction policy costs (issue 14); needs a git clone, for its baseline.
+bench-policy: $(STAMP)
+	$(BIN)/python -m bench.policy $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .coverage .mypy_cache .pytest_cache .ruff_cache

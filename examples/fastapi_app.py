@@ -4,7 +4,9 @@ Create, read, update and delete items; move stock between items (a 404 rolls
 the move back); a rename onto an existing name fails at COMMIT and becomes a
 409; a CSV export streams; a restock runs as a background task in a scope of
 its own. A ``before_commit`` hook writes one audit row per change, in the same
-transaction as the change, and ``GET /audit`` lists them.
+transaction as the change, with the user the ``X-User`` header names (a
+dependency puts it in ``db.info``; the hook reads ``changes.info``), and
+``GET /audit`` lists them. The reading routes are read-only transactions.
 
 Run it with ``make serve`` (SQLite in ``example.db``), or point ``DATABASE_URL``
 at PostgreSQL: ``DATABASE_URL=postgresql+asyncpg://user@host/db make serve``.
@@ -15,10 +17,10 @@ import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import BackgroundTasks, FastAPI, HTTPException
+from fastapi import BackgroundTasks, Depends, FastAPI, Header, HTTPException
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import IntegrityError
@@ -27,7 +29,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from starlette_alchemy import UNKNOWN, AsyncScopedSession, Changes, CommitFailedError, DBSessionMiddleware
+from starlette_alchemy import (
+    UNKNOWN,
+    AsyncScopedSession,
+    Changes,
+    CommitFailedError,
+    DBSessionMiddleware,
+    transaction,
+)
 from starlette_alchemy.fastapi import SessionDep
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///example.db")
@@ -53,6 +62,7 @@ class AuditLog(Base):
     identity: Mapped[str] = mapped_column(sa.String(200))
     op: Mapped[str] = mapped_column(sa.String(10))
     diff: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    user: Mapped[str | None] = mapped_column(sa.String(100))
 
 
 engine = create_async_engine(DATABASE_URL)
@@ -64,9 +74,10 @@ def audit(session: Session, changes: Changes) -> None:
     """Write one audit row per change, inside the transaction: it commits exactly when the change does."""
     for change in changes:
         diff = {key: [_plain(old), _plain(new)] for key, (old, new) in change.diff.items()}
-        session.add(
-            AuditLog(entity=change.entity.__name__, identity=json.dumps(change.identity), op=change.op, diff=diff)
-        )
+        identity = json.dumps(change.identity)
+        # changes.info: what db.info held at COMMIT, so the hook knows who, without reaching for the request.
+        user = changes.info.get("user")
+        session.add(AuditLog(entity=change.entity.__name__, identity=identity, op=change.op, diff=diff, user=user))
 
 
 def _plain(value: Any) -> Any:
@@ -123,7 +134,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await engine.dispose()
 
 
-app = FastAPI(title="starlette-alchemy example", lifespan=lifespan)
+async def who(x_user: Annotated[str | None, Header()] = None) -> None:
+    """Put the requesting user in ``db.info``, where the audit hook finds it in ``changes.info``."""
+    if x_user:
+        db.info["user"] = x_user
+
+
+app = FastAPI(title="starlette-alchemy example", lifespan=lifespan, dependencies=[Depends(who)])
 app.add_middleware(CollectorHeader)  # added first, so it runs inside DBSessionMiddleware
 app.add_middleware(DBSessionMiddleware, db=db, on_commit_failure=conflict)
 
@@ -149,6 +166,7 @@ class AuditOut(BaseModel):
     identity: str
     op: str
     diff: dict[str, Any]
+    user: str | None
 
 
 async def load(session: SessionDep, item_id: int) -> Item:
@@ -170,11 +188,13 @@ async def create_item(data: ItemIn, session: SessionDep) -> ItemOut:
 
 
 @app.get("/items")
+@transaction(read_only=True)
 async def list_items(session: SessionDep) -> list[ItemOut]:
     return [ItemOut.model_validate(item) for item in await session.scalars(sa.select(Item).order_by(Item.id))]
 
 
 @app.get("/items/{item_id}")
+@transaction(read_only=True)
 async def read_item(item_id: int, session: SessionDep) -> ItemOut:
     return ItemOut.model_validate(await load(session, item_id))
 
@@ -202,9 +222,10 @@ async def move_stock(source_id: int, target_id: int, quantity: int, session: Ses
     return [ItemOut.model_validate(source), ItemOut.model_validate(target)]
 
 
-async def restock(item_id: int, quantity: int) -> None:
+async def restock(item_id: int, quantity: int, user: str | None) -> None:
     """Runs after the response, so in a scope of its own: committed (and audited) on its own."""
     async with db.scope():
+        db.info["user"] = user  # the scope's own db.info: the request's is gone
         item = await db.get(Item, item_id)
         if item is not None:
             item.quantity += quantity
@@ -213,7 +234,7 @@ async def restock(item_id: int, quantity: int) -> None:
 @app.post("/items/{item_id}/restock", status_code=202)
 async def schedule_restock(item_id: int, quantity: int, tasks: BackgroundTasks, session: SessionDep) -> dict[str, str]:
     await load(session, item_id)
-    tasks.add_task(restock, item_id, quantity)
+    tasks.add_task(restock, item_id, quantity, db.info.get("user"))
     return {"detail": "Restock scheduled."}
 
 
@@ -229,6 +250,7 @@ async def export(session: SessionDep) -> StreamingResponse:
 
 
 @app.get("/audit")
+@transaction(read_only=True)
 async def list_audit(session: SessionDep, after: int = 0) -> list[AuditOut]:
     rows = await session.scalars(sa.select(AuditLog).where(AuditLog.id > after).order_by(AuditLog.id))
     return [AuditOut.model_validate(row) for row in rows]

@@ -259,17 +259,17 @@ async def engine(
 
 @asynccontextmanager
 async def engine_for(
-    backend: Backend, tmp_path: Path, *, savepoints: bool = False, database: str | None = None
+    backend: Backend, tmp_path: Path, *, savepoints: bool = False, database: str | None = None, **kw: Any
 ) -> AsyncIterator[Engine | AsyncEngine]:
-    """An engine of the backend's kind; on exit its pool must have every connection checked in."""
+    """An engine of the backend's kind (*kw* for ``create_engine``); on exit every connection must be checked in."""
     if backend.kind == "sync":
-        sync_engine = create_engine(backend.url(tmp_path, database))
+        sync_engine = create_engine(backend.url(tmp_path, database), **kw)
         configure_sqlite(sync_engine, savepoints=savepoints)
         yield sync_engine
         assert checked_out(sync_engine) == 0
         sync_engine.dispose()
     else:
-        async_engine = create_async_engine(backend.url(tmp_path, database))
+        async_engine = create_async_engine(backend.url(tmp_path, database), **kw)
         configure_sqlite(async_engine.sync_engine, savepoints=savepoints)
         yield async_engine
         assert checked_out(async_engine) == 0

@@ -63,13 +63,13 @@ async def run(method: Callable[..., Any], *args: Any) -> Any:
 
 
 @asynccontextmanager
-async def scope(db: AnyDB, *, commit: bool = True) -> AsyncIterator[None]:
-    """Enter ``db.scope()`` with ``async with`` or ``with``, as the registry's kind needs."""
+async def scope(db: AnyDB, *, commit: bool = True, **options: Any) -> AsyncIterator[None]:
+    """Enter ``db.scope(**options)`` with ``async with`` or ``with``, as the registry's kind needs."""
     if isinstance(db, AsyncScopedSession):
-        async with db.scope(commit=commit):
+        async with db.scope(commit=commit, **options):
             yield
     else:
-        with db.scope(commit=commit):
+        with db.scope(commit=commit, **options):
             yield
 
 

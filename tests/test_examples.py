@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -13,11 +14,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import ModuleType
 
+import anyio
 import httpx
 import pytest
 import sqlalchemy as sa
 
 from tests.conftest import POSTGRES_URL
+from tests.support import serve
 
 pytestmark = pytest.mark.anyio
 
@@ -56,25 +59,27 @@ async def example_client(fastapi_example: ModuleType) -> AsyncIterator[httpx.Asy
 
 async def test_fastapi_example_serves_audits_and_rolls_back(example_client: httpx.AsyncClient) -> None:
     client = example_client
-    apple = (await client.post("/items", json={"name": "apple", "quantity": 3})).json()
-    pear = (await client.post("/items", json={"name": "pear"})).json()
+    ann, bob = {"x-user": "ann"}, {"x-user": "bob"}
+    apple = (await client.post("/items", json={"name": "apple", "quantity": 3}, headers=ann)).json()
+    pear = (await client.post("/items", json={"name": "pear"}, headers=bob)).json()
     assert (await client.post("/items", json={"name": "apple"})).status_code == 409  # conflict at flush
     assert (await client.get(f"/items/{apple['id']}")).json() == apple
     assert (await client.get("/items/999")).status_code == 404
     assert (await client.post(f"/items/{apple['id']}/move/999?quantity=2")).status_code == 404
     assert (await client.put(f"/items/{pear['id']}", json={"name": "apple"})).status_code == 409  # at COMMIT
-    assert (await client.put(f"/items/{pear['id']}", json={"name": "pear", "quantity": 1})).status_code == 200
-    assert (await client.post(f"/items/{pear['id']}/restock?quantity=4")).status_code == 202
+    assert (await client.put(f"/items/{pear['id']}", json={"name": "pear", "quantity": 1}, headers=ann)).is_success
+    assert (await client.post(f"/items/{pear['id']}/restock?quantity=4", headers=bob)).status_code == 202
     assert (await client.delete(f"/items/{apple['id']}")).status_code == 204
     assert (await client.get("/items")).json() == [{"id": pear["id"], "name": "pear", "quantity": 5}]
     assert (await client.get("/export.csv")).text == f"id,name,quantity\n{pear['id']},pear,5\n"
-    audit = [(row["op"], row["identity"], row["diff"]) for row in (await client.get("/audit")).json()]
+    audit = [(row["op"], row["identity"], row["diff"], row["user"]) for row in (await client.get("/audit")).json()]
+    a, p = apple["id"], pear["id"]
     assert audit == [
-        ("insert", f"[{apple['id']}]", {"id": [None, apple["id"]], "name": [None, "apple"], "quantity": [None, 3]}),
-        ("insert", f"[{pear['id']}]", {"id": [None, pear["id"]], "name": [None, "pear"], "quantity": [None, 0]}),
-        ("update", f"[{pear['id']}]", {"quantity": [0, 1]}),
-        ("update", f"[{pear['id']}]", {"quantity": [1, 5]}),
-        ("delete", f"[{apple['id']}]", {"id": [apple["id"], None], "name": ["apple", None], "quantity": [3, None]}),
+        ("insert", f"[{a}]", {"id": [None, a], "name": [None, "apple"], "quantity": [None, 3]}, "ann"),
+        ("insert", f"[{p}]", {"id": [None, p], "name": [None, "pear"], "quantity": [None, 0]}, "bob"),
+        ("update", f"[{p}]", {"quantity": [0, 1]}, "ann"),
+        ("update", f"[{p}]", {"quantity": [1, 5]}, "bob"),  # the restock, in the background, for bob
+        ("delete", f"[{a}]", {"id": [a, None], "name": ["apple", None], "quantity": [3, None]}, None),
     ]
 
 
@@ -183,3 +188,86 @@ async def test_starlette_sync_example(starlette_example: ModuleType, caplog: pyt
     assert f"note {note['id']} is safely stored" in caplog.text
     assert f"insert Note[{note['id']}]" in caplog.text and f"delete Note[{note['id']}]" in caplog.text
     starlette_example.engine.dispose()
+
+
+TENANTS = ["acme", "globex", "initech", "umbrella"]
+
+
+def load_fresh(module: str, **environment: str) -> ModuleType:
+    """Import a fresh copy of an example module that reads its settings from the environment at import."""
+    sys.modules.pop(module, None)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        try:
+            return importlib.import_module(module)
+        finally:
+            sys.modules.pop(module, None)
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"] if POSTGRES_URL else [])
+async def test_tenants_example_isolates_tenants_under_concurrency(driver: str) -> None:
+    assert POSTGRES_URL is not None
+    url = sa.make_url(POSTGRES_URL).set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
+    tenants = load_fresh("examples.tenants", DATABASE_URL=url, TENANT_ROLE=f"tenant_app_{secrets.token_hex(4)}")
+    inspection = sa.create_engine(sa.make_url(url).set(drivername="postgresql+psycopg"))
+    try:
+        async with tenants.lifespan(tenants.app), serve(tenants.app) as base:
+            pool = tenants.engine.sync_engine.pool
+            assert pool.size() == 5
+            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+                answers = await tenant_requests(client)
+            assert pool.checkedout() == 0
+            await refused_by_the_database(tenants)
+        written = {(n, tenant): response for (n, tenant, verb), response in answers.items() if verb == "POST"}
+        listed = {(n, tenant): response for (n, tenant, verb), response in answers.items() if verb == "GET"}
+        for (n, tenant), response in written.items():
+            if tenant is None:
+                assert response.status_code == 400, response.text
+            else:
+                assert response.status_code == 201, response.text
+                assert response.json()["tenant"] == tenant and response.json()["body"] == f"{tenant}-{n}"
+        for (_, tenant), response in listed.items():
+            assert response.status_code == 200, response.text
+            notes = response.json()
+            assert {note["tenant"] for note in notes} <= ({tenant} if tenant else set()), notes
+            if tenant is None:
+                assert notes == []
+        # Every note went in under its own tenant; what each tenant listed last is a superset of what it saw.
+        with inspection.connect() as connection:
+            rows = connection.execute(sa.select(tenants.Note.tenant, tenants.Note.body)).all()
+        expected = {(tenant, f"{tenant}-{n}") for (n, tenant) in written if tenant is not None}
+        assert set(rows) == expected and len(rows) == len(expected)
+    finally:
+        with inspection.begin() as connection:
+            tenants.teardown(connection)
+        inspection.dispose()
+
+
+async def tenant_requests(client: httpx.AsyncClient) -> dict[tuple[int, str | None, str], httpx.Response]:
+    """200 concurrent requests, alternating 4 tenants, writing and listing; every tenth has no tenant."""
+    answers: dict[tuple[int, str | None, str], httpx.Response] = {}
+
+    async def one(n: int) -> None:
+        tenant = None if n % 10 == 9 else TENANTS[n % len(TENANTS)]
+        headers = {"x-tenant": tenant} if tenant else {}
+        verb = "POST" if n % 2 == 0 else "GET"
+        body = {"json": {"body": f"{tenant}-{n}"}} if verb == "POST" else {}
+        answers[n, tenant, verb] = await client.request(verb, "/notes", headers=headers, **body)  # type: ignore[arg-type]
+
+    async with anyio.create_task_group() as tg:
+        for n in range(200):
+            tg.start_soon(one, n)
+    return answers
+
+
+async def refused_by_the_database(tenants: ModuleType) -> None:
+    """Even code that skips the app's checks cannot write another tenant's row, nor read one."""
+    with pytest.raises(sa.exc.DBAPIError, match="new row violates row-level security policy"):
+        async with tenants.db.scope():
+            tenants.db.info["tenant"] = "acme"
+            tenants.db.add(tenants.Note(tenant="globex", body="forged"))
+    async with tenants.db.scope():
+        tenants.db.info["tenant"] = "acme"
+        bodies = await tenants.db.scalars(sa.select(tenants.Note.tenant).distinct())
+        assert list(bodies) == ["acme"]

@@ -44,6 +44,7 @@ def test_the_readme_has_the_blocks_this_test_expects() -> None:
         "several",
         "pytest",
         "pytest-async",
+        "tenants",
         None,
     }
 
@@ -55,8 +56,8 @@ def test_python_blocks_run_and_run_again(tmp_path: Path, monkeypatch: pytest.Mon
     for _ in range(runs):
         namespaces: dict[str, dict[str, Any]] = {}
         for name, line, code in blocks("python"):
-            if name in ("pytest", "pytest-async"):
-                continue  # the tests below run them, as pytest would
+            if name in ("pytest", "pytest-async", "tenants"):
+                continue  # the tests below run them, as pytest would, or the example they come from
             namespace = namespaces.setdefault(name, {}) if name else {}
             namespace.setdefault("__name__", f"readme_{name or line}")
             # dont_inherit: the blocks run without this module's ``from __future__ import annotations``.
@@ -101,6 +102,12 @@ def test_the_async_test_module_passes_on_postgresql(pytester: pytest.Pytester) -
         assert conn.exec_driver_sql("SELECT count(*) FROM product").scalar() == 0
         conn.exec_driver_sql("DROP TABLE product")
     engine.dispose()
+
+
+def test_the_tenants_excerpt_is_the_example_s_own_code() -> None:
+    # tests/test_examples.py runs examples/tenants.py on PostgreSQL: the excerpt must be what runs.
+    ((_, _, code),) = [block for block in blocks("python") if block[0] == "tenants"]
+    assert code in (ROOT / "examples" / "tenants.py").read_text()
 
 
 def test_shell_commands_exist() -> None:

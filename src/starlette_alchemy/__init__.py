@@ -3,12 +3,14 @@
 from .exceptions import (
     CommitFailedError,
     NoActiveScopeError,
+    ReadOnlyTransactionError,
     SessionSealedError,
     StarletteAlchemyError,
     TrackingDisabledError,
 )
 from .lifecycle import UNKNOWN, Change, Changes, Collector
 from .middleware import DBSessionMiddleware
+from .policy import transaction
 from .scoped import AsyncScopedSession, ContextVarRegistry, ScopedSession
 
 __all__ = [
@@ -20,9 +22,11 @@ __all__ = [
     "ContextVarRegistry",
     "DBSessionMiddleware",
     "NoActiveScopeError",
+    "ReadOnlyTransactionError",
     "ScopedSession",
     "SessionSealedError",
     "StarletteAlchemyError",
     "TrackingDisabledError",
     "UNKNOWN",
+    "transaction",
 ]

@@ -4,6 +4,7 @@ StarletteAlchemyError
 ├── NoActiveScopeError
 ├── CommitFailedError
 ├── SessionSealedError
+├── ReadOnlyTransactionError
 └── TrackingDisabledError
 """
 
@@ -24,6 +25,10 @@ class CommitFailedError(StarletteAlchemyError):
 
 class SessionSealedError(StarletteAlchemyError):
     """The response already started, so this scope's session may no longer write."""
+
+
+class ReadOnlyTransactionError(StarletteAlchemyError):
+    """A scope whose transaction is read-only (``@transaction(read_only=True)``) tried to write through the ORM."""
 
 
 class TrackingDisabledError(StarletteAlchemyError):

@@ -13,7 +13,8 @@ import logging
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import event
@@ -81,13 +82,21 @@ class Change:
         return getattr(self.statement, "whereclause", None)
 
 
+_NO_INFO: Mapping[str, Any] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class Changes:
-    """What a scope's transaction wrote, netted per object: inserted, updated and deleted rows."""
+    """What a scope's transaction wrote, netted per object: inserted, updated and deleted rows.
+
+    ``info`` is a read-only copy of the scope's ``db.info`` taken at COMMIT (or
+    when ``changes()`` was called): who made the change, for audit hooks.
+    """
 
     inserted: tuple[Change, ...] = ()
     updated: tuple[Change, ...] = ()
     deleted: tuple[Change, ...] = ()
+    info: Mapping[str, Any] = field(default_factory=lambda: _NO_INFO, compare=False)
 
     def __iter__(self) -> Iterator[Change]:
         yield from self.inserted
@@ -100,6 +109,8 @@ class Changes:
     def __bool__(self) -> bool:
         return bool(self.inserted or self.updated or self.deleted)
 
+
+_NO_CHANGES = Changes()
 
 # One call of after-commit work: an after_commit hook with its Changes, or an on_commit callback.
 AfterCommitCall = tuple[Callable[..., Any], tuple[Any, ...]]
@@ -156,10 +167,12 @@ class Collector:
     alone do not. Objects are held weakly: one garbage-collected is in no set.
     """
 
-    __slots__ = ("_callbacks", "_hooks", "_journal", "_left", "_ready", "_savepoints", "_session")
+    __slots__ = ("_callbacks", "_hooks", "_info", "_journal", "_left", "_ready", "_savepoints", "_session")
 
-    def __init__(self, hooks: Hooks) -> None:
+    def __init__(self, hooks: Hooks, info: Callable[[], Mapping[str, Any] | None] | None = None) -> None:
         self._hooks = hooks
+        # Reads the scope's db.info, for the snapshot in each Changes.
+        self._info = info
         self._session: Session | None = None
         self._left = _WeakStateSet()
         self._journal: list[_Write] = []
@@ -191,7 +204,7 @@ class Collector:
 
     def changes(self) -> Changes:
         """Return what this transaction's flushes and bulk statements wrote so far, netted per object."""
-        return _net(self._journal)
+        return _net(self._journal, self._snapshot())
 
     def on_commit(self, callback: Callback) -> None:
         """Run *callback* once this scope's outermost transaction commits; forget it on rollback."""
@@ -201,6 +214,11 @@ class Collector:
         """Follow *session*, the scope's (synchronous) session."""
         self._session = session
         session.info[_COLLECTOR_KEY] = self
+
+    def _snapshot(self) -> Mapping[str, Any]:
+        """A read-only copy of the scope's ``db.info`` as it is now."""
+        info = self._info() if self._info is not None else None
+        return MappingProxyType(dict(info)) if info else _NO_INFO
 
     def _select(self, predicate: Callable[[InstanceState[Any]], bool]) -> IdentitySet:
         found = IdentitySet()
@@ -238,7 +256,10 @@ class Collector:
     def _committed(self) -> None:
         """The outermost transaction committed: queue its after-commit work, start afresh."""
         hooks = self._hooks
-        changes = _net(self._journal) if hooks.after_commit or hooks.capture is not None else Changes()
+        if hooks.after_commit or hooks.capture is not None:
+            changes = _net(self._journal, self._snapshot())
+        else:
+            changes = _NO_CHANGES
         if changes or self._callbacks:
             self._ready.append((changes, self._callbacks))
         self._journal = []
@@ -420,7 +441,7 @@ def _record_bulk(collector: Collector, execute_state: ORMExecuteState) -> None:
         collector._journal.append(_Write(op, None, mapper.class_, identity, data, statement))
 
 
-def _net(journal: list[_Write]) -> Changes:
+def _net(journal: list[_Write], info: Mapping[str, Any] = _NO_INFO) -> Changes:
     """Fold the journal into one change per object: what the transaction wrote, net."""
     netted: list[_Write | None] = []
     # Where each object's net write is in ``netted``, while it can still be combined.
@@ -440,7 +461,7 @@ def _net(journal: list[_Write]) -> Changes:
     for net in netted:
         if net is not None:
             changes[net.op].append(_change(net))
-    return Changes(tuple(changes["insert"]), tuple(changes["update"]), tuple(changes["delete"]))
+    return Changes(tuple(changes["insert"]), tuple(changes["update"]), tuple(changes["delete"]), info)
 
 
 def _combine(first: _Write, then: _Write) -> _Write | None:

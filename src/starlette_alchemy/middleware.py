@@ -13,6 +13,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .exceptions import CommitFailedError
+from .policy import route_policy
 from .scoped import AsyncScopedSession, ScopedSession
 from .settle import (
     AnyScopedSession,
@@ -88,7 +89,7 @@ class DBSessionMiddleware:
             kind = message["type"]
             if kind == "http.response.start":
                 if in_use(opened):
-                    return self._settle_then_send(opened, message, send)
+                    return self._settle_then_send(opened, message, send, scope)
                 seal(opened)
             elif kind == "http.response.body" and not message.get("more_body") and after_commit_ready(opened):
                 return _send_then_run_after_commit(opened, message, send)
@@ -107,10 +108,17 @@ class DBSessionMiddleware:
         else:
             forget(opened)  # no session was ever created: nothing to await
 
-    async def _settle_then_send(self, opened: Opened, message: Message, send: Send) -> None:
+    async def _settle_then_send(self, opened: Opened, message: Message, send: Send, scope: Scope) -> None:
         # Don't forward the status line until the transaction's outcome is known.
         status = message["status"]
-        await commit_or_roll_back(opened, status=status, commit=self.commit_on(status))
+        policy = route_policy(scope)
+        if policy is None:
+            await commit_or_roll_back(opened, status=status, commit=self.commit_on(status))
+        elif policy.manual:
+            await commit_or_roll_back(opened, status=status, commit=False, manual=True)
+        else:
+            commit_on = policy.commit_on or self.commit_on
+            await commit_or_roll_back(opened, status=status, commit=commit_on(status))
         await send(message)
 
     async def _answer_commit_failure(self, exc: CommitFailedError, scope: Scope, receive: Receive, send: Send) -> None:

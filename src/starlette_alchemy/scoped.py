@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from contextvars import ContextVar, Token
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_scoped_session, async_sessionmaker
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
-from sqlalchemy.util import ScopedRegistry
 
-from .exceptions import NoActiveScopeError, TrackingDisabledError
-from .lifecycle import _HOOKS_KEY, _TRACKER_KEY, AfterCommitHook, BeforeCommitHook, Callback, Collector, Hooks
+from .exceptions import TrackingDisabledError
+from .lifecycle import AfterCommitHook, BeforeCommitHook, Callback, Collector, Hooks
+from .policy import BeginHook, ScopeOptions, scope_policy
+from .registry import _UNTRACKED, ContextVarRegistry, ScopeState
 from .sessions import (
-    _ENDED,
-    _STATE_KEY,
     aclose_or_discard,
     acommit_or_discard,
     async_factory,
@@ -28,6 +26,9 @@ from .sessions import (
     sync_factory,
 )
 from .shield import run_to_completion
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["AsyncScopedSession", "ContextVarRegistry", "ScopeState", "ScopedSession"]
 
@@ -39,136 +40,18 @@ _NO_SCOPE = (
     "No database scope is active, so there is no session to use. "
     "Add 'DBSessionMiddleware' to the app, or open a scope with '{opener} db.scope():'."
 )
-_UNTRACKED = (
-    "Change tracking is off for this registry, so it has no collector, hooks or 'on_commit'. "
-    "Create it with 'track_changes=True' (the default)."
-)
 _ASYNC_BEFORE_COMMIT = (
     "{name!r} is a coroutine function, but 'before_commit' hooks run inside the COMMIT, synchronously. "
     "Register a plain function: it gets the synchronous Session, whose 'add()' needs no await."
+)
+_ASYNC_ON_BEGIN = (
+    "{name!r} is a coroutine function, but 'on_begin' hooks run at BEGIN, on the synchronous Connection. "
+    "Register a plain function: 'connection.execute(...)' needs no await there."
 )
 _SYNC_HOOK = (
     "{name!r} is a coroutine function, but a 'ScopedSession' runs its hooks synchronously. "
     "Register a plain function, or use 'AsyncScopedSession'."
 )
-
-
-class ScopeState(Generic[_T]):
-    """The mutable holder that one scope keeps in a registry's ContextVar."""
-
-    __slots__ = ("collector", "doomed", "ended", "hooks", "loop_thread", "origin", "raw_sql", "sealed", "session")
-
-    def __init__(self, hooks: Hooks | None = None, origin: MutableMapping[str, Any] | str | None = None) -> None:
-        self.session: _T | None = None
-        self.doomed = False
-        # Sealed: the response started, so the session may read but not write. Ended: it may not be used at all.
-        self.sealed = False
-        self.ended = False
-        # Raw SQL ran while sealed: what it left open is rolled back at close, with a warning.
-        self.raw_sql = False
-        # Who opened the scope, for messages: the request's ASGI scope, or a description.
-        self.origin = origin
-        # For a sync registry's request scope: the event loop's thread, where its sessions must do no I/O.
-        self.loop_thread: int | None = None
-        # Change tracking: the registry's hooks, and this scope's collector, made on first use.
-        self.hooks = hooks
-        self.collector: Collector | None = None
-
-    def describe(self) -> str:
-        """Name the scope for log messages: the request's route, or where ``db.scope()`` was opened."""
-        origin = self.origin
-        if isinstance(origin, str) or origin is None:
-            return origin or "a scope"
-        return route_name(origin)
-
-    def end(self) -> tuple[_T | None, Collector | None]:
-        """End the scope: from now on its session and registry refuse every use. Return and let go of both."""
-        self.sealed = self.ended = True
-        ended = self.session, self.collector
-        # Copies of the scope's context outlive it (an idle worker thread keeps its
-        # last one): the holder they share must not keep the session alive.
-        self.session = None
-        self.collector = None
-        return ended
-
-    def tracker(self) -> Collector:
-        """Return this scope's collector, creating it on first use (a scope that never writes needs none)."""
-        if self.collector is None:
-            if self.hooks is None:
-                raise TrackingDisabledError(_UNTRACKED)
-            self.collector = Collector(self.hooks)
-            if self.session is not None:
-                self.collector._attach(_sync(self.session))
-        return self.collector
-
-
-class ContextVarRegistry(ScopedRegistry[_T]):
-    """A ``ScopedRegistry`` whose scope is the ``ScopeState`` held in a ContextVar.
-
-    The object is stored *in* the holder, never with ``ContextVar.set()``: worker
-    threads and child tasks run in a copy of the context, so only a mutation of
-    the shared holder reaches the code that opened the scope and must close it.
-    """
-
-    __slots__ = ("_hooks", "_no_scope", "_var")
-
-    def __init__(self, createfunc: Callable[[], _T], *, no_scope_message: str, hooks: Hooks | None = None) -> None:
-        self.createfunc = createfunc
-        self.scopefunc = self.current
-        self.registry = None
-        self._no_scope = no_scope_message
-        self._hooks = hooks
-        self._var: ContextVar[ScopeState[_T] | None] = ContextVar("starlette_alchemy.scope", default=None)
-
-    def __call__(self) -> _T:
-        """Return the current scope's object, creating it on first use."""
-        state = self.current()
-        if state.session is None:
-            self.set(self.createfunc())
-        return state.session  # type: ignore[return-value]
-
-    def has(self) -> bool:
-        """Return True if an object is present in the current scope (never after the scope ended)."""
-        state = self._var.get()
-        return state is not None and state.session is not None
-
-    def set(self, obj: _T) -> None:
-        """Set the object for the current scope."""
-        state = self.current()
-        obj.info[_STATE_KEY] = state
-        if state.hooks is not None:
-            # The listeners create the collector when there is something to record.
-            obj.info[_TRACKER_KEY] = state.tracker
-            obj.info[_HOOKS_KEY] = state.hooks
-            if state.collector is not None:
-                state.collector._attach(_sync(obj))
-        state.session = obj
-
-    def clear(self) -> None:
-        """Clear the current scope's object, if any."""
-        state = self._var.get()
-        if state is not None:
-            state.session = None
-
-    def current(self) -> ScopeState[_T]:
-        """Return the current scope's holder; raise ``NoActiveScopeError`` outside any scope or after it ended."""
-        state = self._var.get()
-        if state is None:
-            raise NoActiveScopeError(self._no_scope)
-        if state.ended:
-            raise NoActiveScopeError(_ENDED)
-        return state
-
-    def open(
-        self, origin: MutableMapping[str, Any] | str | None = None
-    ) -> tuple[ScopeState[_T], Token[ScopeState[_T] | None]]:
-        """Open a new, empty scope in the current context; give the token to ``reset()``."""
-        state: ScopeState[_T] = ScopeState(self._hooks, origin)
-        return state, self._var.set(state)
-
-    def reset(self, token: Token[ScopeState[_T] | None]) -> None:
-        """Restore the scope that was current before ``open()`` returned *token*."""
-        self._var.reset(token)
 
 
 class _ScopeControls(Generic[_T]):
@@ -184,6 +67,30 @@ class _ScopeControls(Generic[_T]):
     def doom(self) -> None:
         """Mark the current scope's transaction for rollback, whatever happens next."""
         self.registry.current().doomed = True
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The current scope's own dict (fresh per request and per ``scope()``), for request context.
+
+        Put the user id or tenant there before the first query: ``on_begin``
+        hooks get it, and ``Changes.info`` is a snapshot of it at COMMIT.
+        ``db().info`` is still the session's own dict.
+        """
+        return self.registry.current().info
+
+    def on_begin(self, hook: BeginHook) -> BeginHook:
+        """Register ``hook(connection, info)`` to run after each BEGIN of every scope's session.
+
+        Use it as a decorator. It runs on the synchronous ``Connection`` that
+        began, after the route's policy, so ``SET LOCAL`` and
+        ``set_config(..., true)`` end with the transaction.
+        """
+        if inspect.iscoroutinefunction(hook):
+            raise TypeError(_ASYNC_ON_BEGIN.format(name=_name(hook)))
+        if not callable(hook):
+            raise TypeError(f"'on_begin' takes a function of (connection, info); got {hook!r}.")
+        self.registry.on_begin.append(hook)
+        return hook
 
     @property
     def is_doomed(self) -> bool:
@@ -265,13 +172,14 @@ class ScopedSession(_ScopeControls[_S], scoped_session[_S]):
             raise TypeError(_SYNC_HOOK.format(name=_name(function)))
 
     @contextmanager
-    def scope(self, *, commit: bool = True) -> Iterator[ScopedSession[_S]]:
+    def scope(self, *, commit: bool = True, **options: Unpack[ScopeOptions]) -> Iterator[ScopedSession[_S]]:
         """Open an independent scope: commit on clean exit, roll back on error, always close.
 
         Yields the registry itself, so ``with db.scope() as s: s.add(obj)`` acts
         on the new scope's session; the enclosing scope is restored on exit.
+        *options* are those of ``@transaction(...)`` that apply outside a request.
         """
-        state, token = self.registry.open(_caller())
+        state, token = self.registry.open(_caller(), scope_policy(options))
         collector = None
         committed = False
         try:
@@ -322,14 +230,17 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
         )
 
     @asynccontextmanager
-    async def scope(self, *, commit: bool = True) -> AsyncIterator[AsyncScopedSession[_AS]]:
+    async def scope(
+        self, *, commit: bool = True, **options: Unpack[ScopeOptions]
+    ) -> AsyncIterator[AsyncScopedSession[_AS]]:
         """Open an independent scope: commit on clean exit, roll back on error, always close.
 
         Yields the registry itself, so ``async with db.scope() as s: s.add(obj)``
         acts on the new scope's session; the enclosing scope is restored on exit.
         Once COMMIT is sent, it and the close complete even if the task is cancelled.
+        *options* are those of ``@transaction(...)`` that apply outside a request.
         """
-        state, token = self.registry.open(_caller())
+        state, token = self.registry.open(_caller(), scope_policy(options))
         collector = None
         committed = False
         try:
@@ -354,10 +265,6 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
                 await run_to_completion(collector._arun_ready())
 
 
-def _sync(session: Session | AsyncSession) -> Session:
-    return session.sync_session if isinstance(session, AsyncSession) else session
-
-
 def _name(function: Callable[..., Any]) -> str:
     return getattr(function, "__qualname__", repr(function))
 
@@ -365,18 +272,6 @@ def _name(function: Callable[..., Any]) -> str:
 def _caller() -> str:
     """Describe where ``db.scope()`` was entered: past this function, ``scope()`` and the context manager's own."""
     return f"'db.scope()' in {sys._getframe(3).f_code.co_name!r}"
-
-
-def route_name(scope: MutableMapping[str, Any]) -> str:
-    """Name a request's route for messages: its method and path template once routed, else its path."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if path is None:
-        path = scope.get("path", "")
-    else:
-        # Inside a Mount, the template is relative to the mount's own path.
-        path = scope.get("root_path", "")[len(scope.get("app_root_path", "")) :] + path
-    return f"'{scope.get('method', 'WEBSOCKET')} {path}'"
 
 
 def _close(session: Session | None) -> None:

@@ -19,8 +19,9 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, sessionmaker
 
-from .exceptions import NoActiveScopeError, SessionSealedError
+from .exceptions import NoActiveScopeError, ReadOnlyTransactionError, SessionSealedError
 from .lifecycle import _TrackedSession
+from .policy import BeginScope, begin
 
 logger = logging.getLogger("starlette_alchemy")
 
@@ -28,20 +29,26 @@ logger = logging.getLogger("starlette_alchemy")
 _STATE_KEY = "starlette_alchemy.scope"
 
 
-class _Scope(Protocol):
-    """What the guards read and write of the ``ScopeState`` (scoped.py) that owns a session."""
+class _Scope(BeginScope, Protocol):
+    """What the guards read and write of the ``ScopeState`` (registry.py) that owns a session."""
 
+    characteristics: dict[str, Any] | None
+    began: object
     sealed: bool
     ended: bool
+    read_only: bool
     raw_sql: bool
+    wrote: bool
     loop_thread: int | None
-
-    def describe(self) -> str: ...
 
 
 _SEALED = (
     "The response has already started, so this request's session is sealed and may not write. "
     "Write in a scope of its own: 'with db.scope():' ('async with' for AsyncScopedSession)."
+)
+_READ_ONLY = (
+    "The transaction of {scope} is read-only, so its session may not write. "
+    "Drop 'read_only=True' from its '@transaction(...)' (or 'db.scope(...)'), or write in a scope of its own."
 )
 _ENDED = (
     "This scope has ended (its request finished, or its 'db.scope()' block exited), so it has no session any more. "
@@ -94,9 +101,21 @@ class _ScopeSession(Session):
         super().bulk_update_mappings(*args, **kw)
 
     def commit(self) -> None:
-        _refuse_if_closed_to_writes(self)
-        _note_blocking(self)
+        state: _Scope | None = self.info.get(_STATE_KEY)
+        if state is not None:
+            if state.sealed:
+                raise NoActiveScopeError(_ENDED) if state.ended else SessionSealedError(_SEALED)
+            if state.loop_thread is not None:
+                _note_blocking(self)
         super().commit()
+        if state is not None:
+            state.wrote = False  # what the transaction wrote is committed
+
+    def rollback(self) -> None:
+        super().rollback()
+        state: _Scope | None = self.info.get(_STATE_KEY)
+        if state is not None:
+            state.wrote = False
 
     def connection(self, *args: Any, **kw: Any) -> Connection:
         state: _Scope | None = self.info.get(_STATE_KEY)
@@ -106,7 +125,11 @@ class _ScopeSession(Session):
                     raise NoActiveScopeError(_ENDED)
                 # What runs on the raw connection may write: what it leaves open is rolled back, with a warning.
                 state.raw_sql = True
+            state.wrote = True
             _note_blocking(self)
+            if state.characteristics is not None and not _connected(self, state):
+                options = kw.get("execution_options") or {}
+                kw["execution_options"] = {**state.characteristics, **options}
         return super().connection(*args, **kw)
 
 
@@ -114,11 +137,27 @@ class _TrackedScopeSession(_TrackedSession, _ScopeSession):
     """A ``_ScopeSession`` that also reports to its scope's ``Collector``."""
 
 
+def _connected(session: Session, state: _Scope) -> bool:
+    """True if *session*'s current transaction has its connection (so began with the scope's characteristics)."""
+    return state.began is not None and state.began is session.get_transaction()
+
+
+def _characterize(session: Session, state: _Scope, bind_arguments: Any = None) -> None:
+    """Acquire the transaction's connection now, with the scope's characteristics, before anything begins it."""
+    assert state.characteristics is not None
+    # The Session's own method: acquiring it for the policy's sake is no raw SQL.
+    Session.connection(session, bind_arguments=bind_arguments, execution_options=state.characteristics)
+
+
 def _refuse_if_closed_to_writes(session: Session) -> None:
-    """Raise if *session*'s scope is sealed (``SessionSealedError``) or ended (``NoActiveScopeError``)."""
+    """Raise if *session*'s scope is sealed (``SessionSealedError``), ended (``NoActiveScopeError``) or read-only."""
     state: _Scope | None = session.info.get(_STATE_KEY)
-    if state is not None and state.sealed:
+    if state is None:
+        return
+    if state.sealed:
         raise NoActiveScopeError(_ENDED) if state.ended else SessionSealedError(_SEALED)
+    if state.read_only:
+        raise ReadOnlyTransactionError(_READ_ONLY.format(scope=state.describe()))
 
 
 def _note_blocking(session: Session) -> None:
@@ -145,6 +184,11 @@ _warned_blocking: set[str] = set()
 def _refuse_flush(session: Session, flush_context: Any, instances: Any) -> None:
     _refuse_if_closed_to_writes(session)
     _note_blocking(session)
+    state: _Scope | None = session.info.get(_STATE_KEY)
+    if state is not None:
+        state.wrote = True
+        if state.characteristics is not None and not _connected(session, state):
+            _characterize(session, state)
 
 
 @event.listens_for(_ScopeSession, "do_orm_execute")
@@ -155,15 +199,20 @@ def _check_statement(execute_state: ORMExecuteState) -> None:
         return
     if state.loop_thread is not None:
         _note_blocking(session)
-    if not state.sealed:
-        return
-    statement = execute_state.statement
     if state.ended:
         raise NoActiveScopeError(_ENDED)
+    if state.characteristics is not None and not _connected(session, state):
+        _characterize(session, state, execute_state.bind_arguments)
+    statement = execute_state.statement
+    if statement.is_select:
+        return
     if statement.is_dml:
-        raise SessionSealedError(_SEALED)
-    if not statement.is_select and not _reads(statement):
-        state.raw_sql = True  # raw SQL may write, as on the raw connection
+        _refuse_if_closed_to_writes(session)
+        state.wrote = True
+    elif not _reads(statement):
+        # Raw SQL may write (the database refuses it in a read-only transaction, where it can).
+        state.wrote = True
+        state.raw_sql = state.raw_sql or state.sealed
 
 
 def _reads(statement: Any) -> bool:
@@ -173,13 +222,22 @@ def _reads(statement: Any) -> bool:
 
 
 @event.listens_for(_ScopeSession, "after_begin")
-def _refuse_begin_after_the_end(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
-    # Work started before the scope ended (another task's query on the same session)
-    # may acquire a connection after it: give that connection back at once.
+def _after_begin(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+    """Set up the transaction a scope's session began (``policy.begin()``), unless the scope has ended."""
     state: _Scope | None = session.info.get(_STATE_KEY)
-    if state is not None and state.ended and _owns(session):
+    if state is None:
+        return
+    if state.ended and _owns(session):
+        # Work started before the scope ended (another task's query on the same session)
+        # may acquire a connection after it: give that connection back at once.
         connection.invalidate()
         raise NoActiveScopeError(_ENDED)
+    # A SAVEPOINT is not a new transaction: what BEGIN set up still holds in it.
+    if not transaction.nested:
+        if state.characteristics is not None:
+            state.began = transaction
+        if state.on_begin or state.policy is not None:
+            begin(connection, state)
 
 
 _scope_classes: dict[tuple[type[Session], type[Session]], type[Session]] = {}

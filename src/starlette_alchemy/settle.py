@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 
 from .exceptions import CommitFailedError
 from .lifecycle import Collector
-from .scoped import AsyncScopedSession, ScopedSession, ScopeState, _sync
+from .registry import ScopeState, _sync
+from .scoped import AsyncScopedSession, ScopedSession
 from .sessions import aclose_or_discard, acommit_or_discard, close_or_discard, commit_or_discard
 from .shield import run_to_completion
 
@@ -72,11 +73,12 @@ def seal(opened: Opened) -> None:
 # -- the status line: COMMIT or ROLLBACK ----------------------------------------------------
 
 
-async def commit_or_roll_back(opened: Opened, *, status: int, commit: bool) -> None:
+async def commit_or_roll_back(opened: Opened, *, status: int, commit: bool, manual: bool = False) -> None:
     """Commit (or roll back) every scope's transaction, then seal the sessions.
 
     A COMMIT, once begun, completes even if the request is cancelled meanwhile;
-    the cancellation is then raised, after its outcome was logged.
+    the cancellation is then raised, after its outcome was logged. On a
+    *manual* route, whose handler commits itself, what it left is rolled back.
     """
     committed: list[str] = []
     try:
@@ -89,22 +91,38 @@ async def commit_or_roll_back(opened: Opened, *, status: int, commit: bool) -> N
                     await _commit(state, session, committed)
                     committed.append(_describe(session))
                 else:
+                    if manual:
+                        _warn_of_uncommitted(state, session)
                     with _logging_errors(session, "ROLLBACK"):
                         await _run(session, "rollback")
                 if logger.isEnabledFor(logging.DEBUG):
-                    _log_outcome(state, session, _decision(state, status, commits))
+                    _log_outcome(state, session, _decision(state, status, commits, manual))
             if state.collector is not None:
                 state.collector._settle(committed=commits)
     finally:
         seal(opened)
 
 
-def _decision(state: ScopeState[Any], status: int, commits: bool) -> str:
+def _decision(state: ScopeState[Any], status: int, commits: bool, manual: bool) -> str:
     if commits:
         return f"committed (status {status})"
+    if manual:
+        return f"rolled back (a manual route, whose handler commits itself; status {status})"
     if state.doomed:
         return f"rolled back (db.doom() was called; status {status})"
     return f"rolled back (status {status} is not one that 'commit_on' commits)"
+
+
+def _warn_of_uncommitted(state: ScopeState[Any], session: Session | AsyncSession) -> None:
+    """Say that a manual route's handler left writes it never committed, which are about to be rolled back."""
+    sync = _sync(session)
+    if state.wrote or sync.new or sync.deleted or sync.identity_map.check_modified():
+        logger.warning(
+            "The handler of %s, a '@transaction(manual=True)' route, left changes on %s that it never committed; "
+            "they were rolled back. Commit them in the handler ('db.commit()'), or drop 'manual=True'.",
+            state.describe(),
+            _describe(session),
+        )
 
 
 def _log_outcome(state: ScopeState[Any], session: Session | AsyncSession, outcome: str) -> None:

@@ -25,7 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionma
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from .lifecycle import AfterCommitCall, Change, Changes
-from .scoped import AsyncScopedSession, ScopedSession, ScopeState
+from .registry import ScopeState
+from .scoped import AsyncScopedSession, ScopedSession
 from .sessions import _STATE_KEY
 
 __all__ = [

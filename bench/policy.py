@@ -1,0 +1,156 @@
+"""What per-route transaction policy costs, as ratios measured in the same run.
+
+Run ``make bench-policy`` (``BENCH_ARGS=--quick`` for a smoke run), from a git
+checkout. Two targets, each the median over interleaved rounds, in process:
+
+- a route with no ``@transaction`` costs what it did before policies existed:
+  today's package against the package as it was at ``BASELINE``, which is
+  loaded from git as a package of its own in this same process (throughput
+  ratio at least 0.99);
+- on PostgreSQL, a ``read_only`` route against the same route without it
+  (throughput ratio at least 0.95): ``READ ONLY`` rides in the ``BEGIN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import importlib
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+import starlette_alchemy
+from bench.driver import databases
+from bench.models import Row, recreate
+from bench.requests import Figure, Target, ok, timed
+
+# The last commit before per-route policies: what a route without one must still cost.
+BASELINE = "293b65470a672f1b892c5638f8137c20aef525d8"
+ROOT = Path(__file__).parent.parent
+
+
+def load_baseline(directory: Path) -> ModuleType:
+    """Import the package as it was at ``BASELINE``, under the name ``starlette_alchemy_baseline``."""
+    package = directory / "starlette_alchemy_baseline"
+    package.mkdir()
+    listing = _git("ls-tree", "--name-only", f"{BASELINE}:src/starlette_alchemy")
+    for name in listing.split():
+        if name.endswith(".py"):
+            (package / name).write_text(_git("show", f"{BASELINE}:src/starlette_alchemy/{name}"))
+    sys.path.insert(0, str(directory))
+    return importlib.import_module("starlette_alchemy_baseline")
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        message = f"This benchmark reads its baseline from git ({BASELINE[:12]}): run it in a clone. {exc}"
+        raise SystemExit(message) from exc
+
+
+def app(package: Any, kind: str, url: str, *, read_only: bool = False) -> ASGIApp:
+    """The same routes on *package*'s middleware and registry; ``read_only`` marks the reading one."""
+    if kind == "async":
+        db = package.AsyncScopedSession(create_async_engine(url))
+
+        async def w1(request: Request) -> Response:
+            await db.get(Row, 1)
+            return ok()
+
+        async def w2(request: Request) -> Response:
+            db.add(Row(name="x"))
+            return ok()
+
+        routes: dict[str, Any] = {"w1": w1, "w2": w2}
+    else:
+        db = package.ScopedSession(sa.create_engine(url))
+
+        def w1_sync(request: Request) -> Response:
+            db.get(Row, 1)
+            return ok()
+
+        def w2_sync(request: Request) -> Response:
+            db.add(Row(name="x"))
+            return ok()
+
+        routes = {"w1": w1_sync, "w2": w2_sync}
+    if read_only:
+        starlette_alchemy.transaction(read_only=True)(routes["w1"])
+    return Starlette(
+        routes=[Route(f"/{name}", endpoint, methods=["GET", "POST"]) for name, endpoint in routes.items()],
+        middleware=[Middleware(package.DBSessionMiddleware, db=db)],
+    )
+
+
+TARGETS = [
+    Target("w1 (a read), no @transaction: today / before policies", "w1", "today", "before", 0.99),
+    Target("w2 (a write), no @transaction: today / before policies", "w2", "today", "before", 0.99),
+]
+POSTGRESQL_TARGETS = [Target("w1 (a read): read_only / not, throughput", "w1", "read-only", "today", 0.95)]
+
+
+async def measure(apps: dict[str, ASGIApp], targets: list[Target], rounds: int, count: int) -> list[Figure]:
+    rows = []
+    for target in targets:
+        path, names = f"/{target.workload}", [target.baseline, target.candidate]
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for name in names:
+            await timed(apps[name], path, max(count // 10, 10), 1)  # warm up
+        for round_ in range(rounds):
+            for name in names if round_ % 2 == 0 else reversed(names):
+                times[name].append(await timed(apps[name], path, count, 1))
+        rows.append(target.judge(times))
+    return rows
+
+
+def report(title: str, rows: list[Figure], targets: list[Target]) -> int:
+    limits = {target.label: f">= {target.limit}" for target in targets}
+    print(f"\n{title}")
+    for label, value, met in rows:
+        print(f"  {label:<58} {value:>9.3f}  {limits[label]:>8}  {'ok' if met else 'MISSED'}")
+    return sum(not met for _, _, met in rows)
+
+
+async def main(rounds: int, count: int, only: str) -> int:
+    started, missed = time.monotonic(), 0
+    with tempfile.TemporaryDirectory() as directory:
+        before = load_baseline(Path(directory))
+        gc.freeze()
+        for label, kind, url in databases(Path(directory)):
+            if only not in label:
+                continue
+            recreate(url)
+            apps = {
+                "before": app(before, kind, url),
+                "today": app(starlette_alchemy, kind, url),
+                "read-only": app(starlette_alchemy, kind, url, read_only=True),
+            }
+            targets = TARGETS + (POSTGRESQL_TARGETS if url.startswith("postgresql") else [])
+            rows = await measure(apps, targets, rounds, count)
+            missed += report(f"{label}, in process, sequential ({rounds} rounds x {count} requests)", rows, targets)
+    print(f"\n{time.monotonic() - started:.0f} s; {'all targets met' if not missed else f'{missed} MISSED'}")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few rounds of a few requests: a smoke run")
+    parser.add_argument("--only", default="", help="only the databases whose label contains this, e.g. 'psycopg'")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(main(rounds=2 if args.quick else 30, count=50 if args.quick else 1_000, only=args.only)))
