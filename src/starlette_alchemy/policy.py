@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict, TypeVar
 
 from sqlalchemy import Connection, Engine
@@ -62,6 +62,13 @@ class Policy:
     retry: bool | None = None
     primary: bool = False
     max_queries: int | None = None
+    # characteristics() on PostgreSQL and elsewhere, computed once: each request's session reads them.
+    _on_postgresql: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+    _elsewhere: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_on_postgresql", self.characteristics("postgresql") or None)
+        object.__setattr__(self, "_elsewhere", self.characteristics("") or None)
 
     def characteristics(self, dialect: str) -> dict[str, Any]:
         """The execution options the connection needs before BEGIN; SQLAlchemy resets them at check-in."""
@@ -198,7 +205,8 @@ def characteristics_for(bind: object, policy: Policy) -> dict[str, Any] | None:
     """
     if not isinstance(bind, Engine | AsyncEngine):
         return None
-    return policy.characteristics(bind.dialect.name) or None
+    # Shared by every session of the policy's routes: nothing may change it.
+    return policy._on_postgresql if bind.dialect.name == "postgresql" else policy._elsewhere
 
 
 # -- at BEGIN: transaction-local state, then the on_begin hooks --------------------------------------

@@ -142,11 +142,12 @@ def _connected(session: Session, state: _Scope) -> bool:
     return state.began is not None and state.began is session.get_transaction()
 
 
-def _characterize(session: Session, state: _Scope, bind_arguments: Any = None) -> None:
+def _characterize(session: Session, state: _Scope) -> None:
     """Acquire the transaction's connection now, with the scope's characteristics, before anything begins it."""
     assert state.characteristics is not None
-    # The Session's own method: acquiring it for the policy's sake is no raw SQL.
-    Session.connection(session, bind_arguments=bind_arguments, execution_options=state.characteristics)
+    # The Session's own method: acquiring it for the policy's sake is no raw SQL. No bind
+    # arguments: a session with characteristics is bound to one engine (policy.characteristics_for()).
+    Session.connection(session, execution_options=state.characteristics)
 
 
 def _refuse_if_closed_to_writes(session: Session) -> None:
@@ -202,7 +203,7 @@ def _check_statement(execute_state: ORMExecuteState) -> None:
     if state.ended:
         raise NoActiveScopeError(_ENDED)
     if state.characteristics is not None and not _connected(session, state):
-        _characterize(session, state, execute_state.bind_arguments)
+        _characterize(session, state)
     statement = execute_state.statement
     if statement.is_select:
         return
@@ -236,7 +237,7 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
     if not transaction.nested:
         if state.characteristics is not None:
             state.began = transaction
-        if state.on_begin or state.policy is not None:
+        if state.on_begin or (state.policy is not None and state.policy.statement_timeout is not None):
             begin(connection, state)
 
 
