@@ -213,7 +213,7 @@ def characteristics_for(bind: object, policy: Policy) -> dict[str, Any] | None:
 
 
 class BeginScope(Protocol):
-    """What ``begin()`` reads of the scope whose session began (``ScopeState``, scoped.py)."""
+    """What ``begin()`` reads of the scope whose session began (``ScopeState``, registry.py)."""
 
     policy: Policy | None
     on_begin: list[BeginHook]
