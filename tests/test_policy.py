@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+import gc
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +31,7 @@ from starlette_alchemy import (
     transaction,
 )
 from starlette_alchemy.policy import IsolationLevel, Policy, route_policy
+from starlette_alchemy.sessions import _ScopeSession
 from tests.conftest import BACKENDS, Backend, checked_out, engine_for
 from tests.models import Item
 from tests.support import AnyDB, committed_names, http_client, resolve, run, scope
@@ -177,6 +180,24 @@ async def test_a_read_only_route_refuses_orm_writes_and_reads(
     assert "Drop 'read_only=True' from its '@transaction(...)'" in refused.text
     assert (read.status_code, read.text) == (200, "1 items")
     assert committed_names(inspection_engine) == {"kept"}
+    assert checked_out(engine) == 0
+
+
+async def test_an_ended_scope_with_a_policy_keeps_no_session_alive(db: AnyDB, engine: Engine | AsyncEngine) -> None:
+    # Copies of a request's context outlive it (a task it started, an idle worker thread), and
+    # with them the scope's holder: once the scope ended, the holder must keep no session alive.
+    kept: list[contextvars.Context] = []
+
+    @transaction(read_only=True, isolation_level="SERIALIZABLE")
+    async def read(request: Request) -> Response:
+        count = await run(db.scalar, sa.select(sa.func.count()).select_from(Item))
+        kept.append(contextvars.copy_context())
+        return PlainTextResponse(str(count))
+
+    async with http_client(app_with(db, Route("/", read)), "asgi") as client:
+        assert (await client.get("/")).text == "0"
+    gc.collect()
+    assert kept and [obj for obj in gc.get_objects() if isinstance(obj, _ScopeSession)] == []
     assert checked_out(engine) == 0
 
 

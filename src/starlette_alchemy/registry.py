@@ -119,6 +119,7 @@ class ScopeState(Generic[_T]):
         # last one): the holder they share must not keep the session alive.
         self.session = None
         self.collector = None
+        self.began = None  # a transaction of the session: it would keep the session alive too
         return ended
 
     def tracker(self) -> Collector:
