@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -19,10 +21,26 @@ class Row(Base):
 
 
 def recreate(url: str) -> None:
-    """Drop and create the table on *url*'s database (through a sync driver), with one row, id 1, to read."""
-    engine = sa.create_engine(url.replace("+aiosqlite", "+pysqlite").replace("+asyncpg", "+psycopg"))
+    """Drop and create the table on *url*'s database (through a sync driver), with one row, id 1, to read.
+
+    The table is dropped again when the process exits: a benchmark leaves the database as it found it.
+    """
+    sync_url = url.replace("+aiosqlite", "+pysqlite").replace("+asyncpg", "+psycopg")
+    engine = sa.create_engine(sync_url)
     Base.metadata.drop_all(engine)
     Base.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(sa.insert(Row), [{"name": "seed"}])
+    engine.dispose()
+    if sync_url not in _created:
+        _created.add(sync_url)
+        atexit.register(_drop, sync_url)
+
+
+_created: set[str] = set()
+
+
+def _drop(sync_url: str) -> None:
+    engine = sa.create_engine(sync_url)
+    Base.metadata.drop_all(engine)
     engine.dispose()
