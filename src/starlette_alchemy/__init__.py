@@ -1,5 +1,6 @@
 """Request-scoped SQLAlchemy sessions for Starlette and FastAPI."""
 
+from .changes import UNKNOWN, Change, Changes
 from .exceptions import (
     CommitFailedError,
     NoActiveScopeError,
@@ -8,7 +9,7 @@ from .exceptions import (
     StarletteAlchemyError,
     TrackingDisabledError,
 )
-from .lifecycle import UNKNOWN, Change, Changes, Collector
+from .lifecycle import Collector
 from .middleware import DBSessionMiddleware
 from .policy import transaction
 from .scoped import AsyncScopedSession, ContextVarRegistry, ScopedSession

@@ -24,7 +24,8 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
-from .lifecycle import AfterCommitCall, Change, Changes
+from .changes import Change, Changes
+from .lifecycle import AfterCommitCall
 from .registry import ScopeState
 from .scoped import AsyncScopedSession, ScopedSession
 from .sessions import _STATE_KEY
