@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from starlette_alchemy import AsyncScopedSession, DBSessionMiddleware, ScopedSession, sessions
+from starlette_alchemy import AsyncScopedSession, DBSessionMiddleware, ScopedSession, policy
 from tests.conftest import ASYNC_BACKENDS, SYNC_BACKENDS
 from tests.models import Item
 from tests.support import AnyDB, OuterTimeout, http_client, run
@@ -95,7 +95,7 @@ async def test_the_happy_path_logs_nothing_above_debug(
 async def test_a_sync_registry_on_the_event_loop_is_named_once_per_route(
     db: ScopedSession[Session], transport: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    sessions._warned_blocking.clear()  # once per route and process: forget the other tests' routes
+    policy._warned.clear()  # once per route and process: forget the other tests' routes
 
     async def blocking(request: Request) -> Response:
         return PlainTextResponse(str(db.scalar(sa.select(sa.literal(1)))))  # on the event loop's thread

@@ -112,13 +112,9 @@ class DBSessionMiddleware:
         # Don't forward the status line until the transaction's outcome is known.
         status = message["status"]
         policy = route_policy(scope)
-        if policy is None:
-            await commit_or_roll_back(opened, status=status, commit=self.commit_on(status))
-        elif policy.manual:
-            await commit_or_roll_back(opened, status=status, commit=False, manual=True)
-        else:
-            commit_on = policy.commit_on or self.commit_on
-            await commit_or_roll_back(opened, status=status, commit=commit_on(status))
+        manual = policy is not None and policy.manual
+        commit_on = (policy.commit_on if policy is not None else None) or self.commit_on
+        await commit_or_roll_back(opened, status=status, commit=not manual and commit_on(status), manual=manual)
         await send(message)
 
     async def _answer_commit_failure(self, exc: CommitFailedError, scope: Scope, receive: Receive, send: Send) -> None:

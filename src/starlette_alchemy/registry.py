@@ -68,8 +68,9 @@ class ScopeState(Generic[_T]):
         # The current transaction may have written (a flush, ORM DML, raw SQL other than SELECT).
         self.wrote = False
         # The transaction policy: db.scope()'s, or the route's, read when the request's session is created.
-        self.policy = policy
-        self.read_only = policy is not None and policy.read_only
+        self.policy: Policy | None = None
+        self.read_only = False
+        self._take(policy)
         # The execution options the policy gives each transaction's connection before BEGIN, if any,
         # and the (root) transaction that last acquired its connection: those options are set by then.
         self.characteristics: dict[str, Any] | None = None
@@ -100,9 +101,12 @@ class ScopeState(Generic[_T]):
         """For a request's scope: take the policy of the endpoint the router matched, if any yet."""
         # A request's origin is its ASGI scope, a dict; db.scope()'s is a description.
         if self.policy is None and isinstance(self.origin, dict):
-            policy = self.policy = route_policy(self.origin)
-            self.read_only = policy is not None and policy.read_only
+            self._take(route_policy(self.origin))
         return self.policy
+
+    def _take(self, policy: Policy | None) -> None:
+        self.policy = policy
+        self.read_only = policy is not None and policy.read_only
 
     def describe(self) -> str:
         """Name the scope for log messages: the request's route, or where ``db.scope()`` was opened."""
@@ -161,7 +165,7 @@ class ContextVarRegistry(ScopedRegistry[_T]):
 
     def _create(self, state: ScopeState[_T]) -> _T:
         """Create the scope's session; note what its connections need before BEGIN, as the scope's policy says."""
-        policy = state.policy if state.policy is not None else state.adopt_route_policy()
+        policy = state.adopt_route_policy()
         if policy is not None:
             state.characteristics = characteristics_for(getattr(self.createfunc, "kw", {}).get("bind"), policy)
         return self.createfunc()

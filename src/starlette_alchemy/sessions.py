@@ -21,7 +21,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, session
 
 from .exceptions import NoActiveScopeError, ReadOnlyTransactionError, SessionSealedError
 from .lifecycle import _TrackedSession
-from .policy import BeginScope, begin
+from .policy import BeginScope, begin, warn_once
 
 logger = logging.getLogger("starlette_alchemy")
 
@@ -104,9 +104,8 @@ class _ScopeSession(Session):
         state: _Scope | None = self.info.get(_STATE_KEY)
         if state is not None:
             if state.sealed:
-                raise NoActiveScopeError(_ENDED) if state.ended else SessionSealedError(_SEALED)
-            if state.loop_thread is not None:
-                _note_blocking(self)
+                raise _sealed_error(state)
+            _note_blocking(state)
         super().commit()
         if state is not None:
             state.wrote = False  # what the transaction wrote is committed
@@ -126,10 +125,10 @@ class _ScopeSession(Session):
                 # What runs on the raw connection may write: what it leaves open is rolled back, with a warning.
                 state.raw_sql = True
             state.wrote = True
-            _note_blocking(self)
-            if state.characteristics is not None and not _connected(self, state):
-                options = kw.get("execution_options") or {}
-                kw["execution_options"] = {**state.characteristics, **options}
+            _note_blocking(state)
+            due = _due_characteristics(self, state)
+            if due is not None:
+                kw["execution_options"] = {**due, **(kw.get("execution_options") or {})}
         return super().connection(*args, **kw)
 
 
@@ -137,39 +136,46 @@ class _TrackedScopeSession(_TrackedSession, _ScopeSession):
     """A ``_ScopeSession`` that also reports to its scope's ``Collector``."""
 
 
-def _connected(session: Session, state: _Scope) -> bool:
-    """True if *session*'s current transaction has its connection (so began with the scope's characteristics)."""
-    return state.began is not None and state.began is session.get_transaction()
+def _due_characteristics(session: Session, state: _Scope) -> dict[str, Any] | None:
+    """The scope's characteristics, if its current transaction's connection does not have them yet."""
+    began = state.began
+    if state.characteristics is None or (began is not None and began is session.get_transaction()):
+        return None
+    return state.characteristics
 
 
 def _characterize(session: Session, state: _Scope) -> None:
-    """Acquire the transaction's connection now, with the scope's characteristics, before anything begins it."""
-    assert state.characteristics is not None
-    # The Session's own method: acquiring it for the policy's sake is no raw SQL. No bind
-    # arguments: a session with characteristics is bound to one engine (policy.characteristics_for()).
-    Session.connection(session, execution_options=state.characteristics)
+    """Acquire the transaction's connection now, with the scope's characteristics, unless that is done."""
+    due = _due_characteristics(session, state)
+    if due is not None:
+        # The Session's own method: acquiring it for the policy's sake is no raw SQL. No bind
+        # arguments: a session with characteristics is bound to one engine (policy.characteristics_for()).
+        Session.connection(session, execution_options=due)
+
+
+def _sealed_error(state: _Scope) -> Exception:
+    """What a write meets once the scope is sealed: ``NoActiveScopeError`` if it ended, else ``SessionSealedError``."""
+    return NoActiveScopeError(_ENDED) if state.ended else SessionSealedError(_SEALED)
 
 
 def _refuse_if_closed_to_writes(session: Session) -> None:
     """Raise if *session*'s scope is sealed (``SessionSealedError``), ended (``NoActiveScopeError``) or read-only."""
     state: _Scope | None = session.info.get(_STATE_KEY)
-    if state is None:
-        return
+    if state is not None:
+        _refuse_writes(state)
+
+
+def _refuse_writes(state: _Scope) -> None:
     if state.sealed:
-        raise NoActiveScopeError(_ENDED) if state.ended else SessionSealedError(_SEALED)
+        raise _sealed_error(state)
     if state.read_only:
         raise ReadOnlyTransactionError(_READ_ONLY.format(scope=state.describe()))
 
 
-def _note_blocking(session: Session) -> None:
+def _note_blocking(state: _Scope) -> None:
     """Warn, once per route, when a sync registry's session does I/O on the event loop's own thread."""
-    state: _Scope | None = session.info.get(_STATE_KEY)
-    if state is None or state.loop_thread != threading.get_ident():
-        return
-    route = state.describe()
-    if route not in _warned_blocking and len(_warned_blocking) < 1000:
-        _warned_blocking.add(route)
-        logger.warning(_BLOCKING, route)
+    if state.loop_thread is not None and state.loop_thread == threading.get_ident():
+        warn_once(state.describe(), "blocking", _BLOCKING)
 
 
 _BLOCKING = (
@@ -177,19 +183,16 @@ _BLOCKING = (
     "task), so every other request waited for the database meanwhile. Use AsyncScopedSession there, or make the "
     "endpoint a plain 'def', which Starlette runs in a worker thread."
 )
-# The routes warned of already: each is named once per process.
-_warned_blocking: set[str] = set()
 
 
 @event.listens_for(_ScopeSession, "before_flush")
 def _refuse_flush(session: Session, flush_context: Any, instances: Any) -> None:
-    _refuse_if_closed_to_writes(session)
-    _note_blocking(session)
     state: _Scope | None = session.info.get(_STATE_KEY)
     if state is not None:
+        _refuse_writes(state)
+        _note_blocking(state)
         state.wrote = True
-        if state.characteristics is not None and not _connected(session, state):
-            _characterize(session, state)
+        _characterize(session, state)
 
 
 @event.listens_for(_ScopeSession, "do_orm_execute")
@@ -198,17 +201,15 @@ def _check_statement(execute_state: ORMExecuteState) -> None:
     state: _Scope | None = session.info.get(_STATE_KEY)
     if state is None:
         return
-    if state.loop_thread is not None:
-        _note_blocking(session)
+    _note_blocking(state)
     if state.ended:
         raise NoActiveScopeError(_ENDED)
-    if state.characteristics is not None and not _connected(session, state):
-        _characterize(session, state)
+    _characterize(session, state)
     statement = execute_state.statement
     if statement.is_select:
         return
     if statement.is_dml:
-        _refuse_if_closed_to_writes(session)
+        _refuse_writes(state)
         state.wrote = True
     elif not _reads(statement):
         # Raw SQL may write (the database refuses it in a read-only transaction, where it can).
