@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import gc
 import logging
@@ -549,3 +550,41 @@ def test_the_policy_has_the_options_the_readme_documents() -> None:
         "primary",
         "max_queries",
     ]
+
+
+@pytest.mark.parametrize("backend", POSTGRESQL, ids=lambda b: b.id)
+async def test_a_killed_connection_of_a_policy_route_leaves_nothing_behind(
+    db: AnyDB, engine: Engine | AsyncEngine, inspection_engine: Engine
+) -> None:
+    # The backend serving a route with every connection-level option dies mid-statement (a failover, an admin).
+    settings = sa.text(
+        "SELECT current_setting('transaction_isolation') || ',' || current_setting('transaction_read_only') "
+        "|| ',' || current_setting('statement_timeout')"
+    )
+    pids: list[int] = []
+
+    @transaction(read_only=True, isolation_level="SERIALIZABLE", statement_timeout=5)
+    async def doomed(request: Request) -> Response:
+        pids.append(await run(db.scalar, sa.text("SELECT pg_backend_pid()")))
+        await run(db.execute, sa.text("SELECT pg_sleep(3)"))
+        return PlainTextResponse("never")
+
+    @transaction(read_only=True)
+    async def read_only(request: Request) -> Response:
+        return PlainTextResponse(await run(db.scalar, settings))
+
+    async def plain(request: Request) -> Response:
+        return PlainTextResponse(await run(db.scalar, settings))
+
+    app = app_with(db, Route("/doomed", doomed), Route("/read-only", read_only), Route("/plain", plain))
+    async with http_client(app, "uvicorn") as client:
+        request = asyncio.ensure_future(client.get("/doomed"))
+        while not pids:
+            await asyncio.sleep(0.01)
+        with inspection_engine.connect() as connection:
+            assert connection.scalar(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pids[0]})
+        assert (await request).status_code == 500
+        after = [(await client.get(path)).text for path in ("/plain", "/read-only", "/plain")]
+    # The pool is whole again, and what the dead connection's route set reached no one else.
+    assert after == ["read committed,off,0", "read committed,on,0", "read committed,off,0"]
+    assert checked_out(engine) == 0
