@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo serve bench bench-lifecycle bench-policy clean
+.PHONY: test lint demo serve bench bench-lifecycle bench-policy bench-observe clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench-lifecycle: $(STAMP)
 # What per-route transaction policy costs (issue 14); needs a git clone, for its baseline.
 bench-policy: $(STAMP)
 	$(BIN)/python -m bench.policy $(BENCH_ARGS)
+
+# What query statistics and the OpenTelemetry span cost (issue 15).
+bench-observe: $(STAMP)
+	$(BIN)/python -m bench.observe $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .coverage .mypy_cache .pytest_cache .ruff_cache

@@ -144,3 +144,36 @@ def test_the_plugin_can_be_turned_off(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-p", "no:starlette_alchemy")
     result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines(["*fixture 'db_transaction' not found*"])
+
+
+COUNTING_TESTS = """
+from starlette.testclient import TestClient
+
+from app import app
+
+
+def test_within_budget(db_transaction, query_counter):
+    with TestClient(app) as client:
+        client.post("/items/a")
+    assert query_counter.count == 1
+
+
+def test_over_budget(db_transaction, query_counter):
+    with TestClient(app) as client:
+        client.post("/items/b")
+        client.post("/items/c")
+    assert query_counter.count <= 1
+"""
+
+
+def test_query_counter_counts_the_apps_statements_and_a_failure_lists_them(pytester: pytest.Pytester) -> None:
+    make_suite(pytester, "sync")
+    pytester.makepyfile(test_app=COUNTING_TESTS)
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*assert 2 <= 1*",
+            r"*where 2 = <QueryCounter: 2 queries:\n  1. INSERT INTO item (name) VALUES (?)\n  2. INSERT INTO item*",
+        ]
+    )

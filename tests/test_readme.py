@@ -45,6 +45,8 @@ def test_the_readme_has_the_blocks_this_test_expects() -> None:
         "pytest",
         "pytest-async",
         "tenants",
+        "stats",
+        "otel",
         None,
     }
 
@@ -56,7 +58,7 @@ def test_python_blocks_run_and_run_again(tmp_path: Path, monkeypatch: pytest.Mon
     for _ in range(runs):
         namespaces: dict[str, dict[str, Any]] = {}
         for name, line, code in blocks("python"):
-            if name in ("pytest", "pytest-async", "tenants"):
+            if name in ("pytest", "pytest-async", "tenants", "otel"):
                 continue  # the tests below run them, as pytest would, or the example they come from
             namespace = namespaces.setdefault(name, {}) if name else {}
             namespace.setdefault("__name__", f"readme_{name or line}")
@@ -125,3 +127,20 @@ def test_shell_commands_exist() -> None:
         else:
             assert program == "uvicorn", command
             uvicorn.main.make_context("uvicorn", args)  # raises on an unknown option
+
+
+def test_the_opentelemetry_block_records_the_span_it_asserts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry import trace
+    from opentelemetry.util._once import Once
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "readme_otel"}
+    try:
+        for name, line, code in blocks("python"):
+            if name in ("stats", "otel"):  # the otel block uses the stats blocks' app
+                exec(compile(code, f"README.md:{line}", "exec", dont_inherit=True), namespace)
+    finally:
+        # The block sets the process's tracer provider, which OpenTelemetry lets happen once: undo it.
+        trace._TRACER_PROVIDER_SET_ONCE = Once()
+        trace._TRACER_PROVIDER = None
+        namespace["engine"].dispose()

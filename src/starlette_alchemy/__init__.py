@@ -4,6 +4,7 @@ from .changes import UNKNOWN, Change, Changes
 from .exceptions import (
     CommitFailedError,
     NoActiveScopeError,
+    NPlusOneError,
     ReadOnlyTransactionError,
     SessionSealedError,
     StarletteAlchemyError,
@@ -11,6 +12,7 @@ from .exceptions import (
 )
 from .lifecycle import Collector
 from .middleware import DBSessionMiddleware
+from .observe import ScopeStats
 from .policy import transaction
 from .scoped import AsyncScopedSession, ContextVarRegistry, ScopedSession
 
@@ -22,8 +24,10 @@ __all__ = [
     "CommitFailedError",
     "ContextVarRegistry",
     "DBSessionMiddleware",
+    "NPlusOneError",
     "NoActiveScopeError",
     "ReadOnlyTransactionError",
+    "ScopeStats",
     "ScopedSession",
     "SessionSealedError",
     "StarletteAlchemyError",

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy.orm import NO_VALUE, Mapper, ORMExecuteState
 from sqlalchemy.orm.state import InstanceState
 
+from .observe import ScopeStats
+
 if TYPE_CHECKING:
     from sqlalchemy.orm.unitofwork import UOWTransaction
     from sqlalchemy.sql.base import Executable
@@ -71,12 +73,14 @@ class Changes:
 
     ``info`` is a read-only copy of the scope's ``db.info`` taken at COMMIT (or
     when ``changes()`` was called): who made the change, for audit hooks.
+    ``stats`` is what the scope's statements had cost by then (``db.stats``).
     """
 
     inserted: tuple[Change, ...] = ()
     updated: tuple[Change, ...] = ()
     deleted: tuple[Change, ...] = ()
     info: Mapping[str, Any] = field(default_factory=lambda: _NO_INFO, compare=False)
+    stats: ScopeStats = field(default_factory=ScopeStats, compare=False)
 
     def __iter__(self) -> Iterator[Change]:
         yield from self.inserted
@@ -211,7 +215,7 @@ def record_bulk(journal: list[_Write], execute_state: ORMExecuteState) -> None:
         journal.append(_Write(op, None, mapper.class_, identity, data, statement))
 
 
-def net(journal: list[_Write], info: Mapping[str, Any] = _NO_INFO) -> Changes:
+def net(journal: list[_Write], info: Mapping[str, Any] = _NO_INFO, stats: ScopeStats | None = None) -> Changes:
     """Fold the journal into one change per object: what the transaction wrote, net."""
     netted: list[_Write | None] = []
     # Where each object's net write is in ``netted``, while it can still be combined.
@@ -231,7 +235,8 @@ def net(journal: list[_Write], info: Mapping[str, Any] = _NO_INFO) -> Changes:
     for net in netted:
         if net is not None:
             changes[net.op].append(_change(net))
-    return Changes(tuple(changes["insert"]), tuple(changes["update"]), tuple(changes["delete"]), info)
+    inserted, updated, deleted = tuple(changes["insert"]), tuple(changes["update"]), tuple(changes["delete"])
+    return Changes(inserted, updated, deleted, info, stats if stats is not None else ScopeStats())
 
 
 def _combine(first: _Write, then: _Write) -> _Write | None:

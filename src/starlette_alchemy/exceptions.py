@@ -5,6 +5,7 @@ StarletteAlchemyError
 ├── CommitFailedError
 ├── SessionSealedError
 ├── ReadOnlyTransactionError
+├── NPlusOneError
 └── TrackingDisabledError
 """
 
@@ -31,5 +32,9 @@ class ReadOnlyTransactionError(StarletteAlchemyError):
     """A scope whose transaction is read-only (``@transaction(read_only=True)``) tried to write through the ORM."""
 
 
+class NPlusOneError(StarletteAlchemyError):
+    """A relationship was lazy-loaded too often in one scope, on a registry created with ``n_plus_one="raise"``."""
+
+
 class TrackingDisabledError(StarletteAlchemyError):
-    """A collector, hook or ``on_commit`` was used on a registry created with ``track_changes=False``."""
+    """A registry was asked for what it does not keep: changes (``track_changes=False``) or ``stats=False``."""

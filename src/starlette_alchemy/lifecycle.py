@@ -23,6 +23,7 @@ from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.util import IdentitySet
 
 from .changes import _NO_CHANGES, _NO_INFO, Changes, _Write, net, record_bulk, record_flush
+from .observe import ScopeStats
 
 if TYPE_CHECKING:
     from sqlalchemy.orm.unitofwork import UOWTransaction
@@ -73,12 +74,18 @@ class Collector:
     alone do not. Objects are held weakly: one garbage-collected is in no set.
     """
 
-    __slots__ = ("_callbacks", "_hooks", "_info", "_journal", "_left", "_ready", "_savepoints", "_session")
+    __slots__ = ("_callbacks", "_hooks", "_info", "_journal", "_left", "_ready", "_savepoints", "_session", "_stats")
 
-    def __init__(self, hooks: Hooks, info: Callable[[], Mapping[str, Any] | None] | None = None) -> None:
+    def __init__(
+        self,
+        hooks: Hooks,
+        info: Callable[[], Mapping[str, Any] | None] | None = None,
+        stats: Callable[[], ScopeStats] | None = None,
+    ) -> None:
         self._hooks = hooks
-        # Reads the scope's db.info, for the snapshot in each Changes.
+        # Read the scope's db.info and db.stats, for the snapshots in each Changes.
         self._info = info
+        self._stats = stats
         self._session: Session | None = None
         self._left = _WeakStateSet()
         self._journal: list[_Write] = []
@@ -110,7 +117,7 @@ class Collector:
 
     def changes(self) -> Changes:
         """Return what this transaction's flushes and bulk statements wrote so far, netted per object."""
-        return net(self._journal, self._snapshot())
+        return net(self._journal, self._snapshot(), self._stats() if self._stats is not None else None)
 
     def on_commit(self, callback: Callback) -> None:
         """Run *callback* once this scope's outermost transaction commits; forget it on rollback."""
@@ -163,7 +170,7 @@ class Collector:
         """The outermost transaction committed: queue its after-commit work, start afresh."""
         hooks = self._hooks
         if hooks.after_commit or hooks.capture is not None:
-            changes = net(self._journal, self._snapshot())
+            changes = self.changes()
         else:
             changes = _NO_CHANGES
         if changes or self._callbacks:

@@ -13,6 +13,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .exceptions import CommitFailedError
+from .observe import server_timing
 from .policy import route_policy
 from .scoped import AsyncScopedSession, ScopedSession
 from .settle import (
@@ -61,6 +62,7 @@ class DBSessionMiddleware:
         commit_on: Callable[[int], bool] | None = None,
         on_commit_failure: Callable[[CommitFailedError], Response | None] | None = None,
         websocket: Literal["manual", "off"] = "manual",
+        server_timing: bool = False,
     ) -> None:
         self.app = app
         self.registries = _registries(db)
@@ -74,6 +76,9 @@ class DBSessionMiddleware:
         self.commit_on = commit_on or commit_2xx_3xx
         self.on_commit_failure = on_commit_failure
         self.websocket = websocket
+        if not isinstance(server_timing, bool):
+            raise TypeError(f"'server_timing' must be True or False; got {server_timing!r}.")
+        self.server_timing = server_timing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # HTTP is handled here rather than in a method of its own: one coroutine
@@ -115,6 +120,8 @@ class DBSessionMiddleware:
         manual = policy is not None and policy.manual
         commit_on = (policy.commit_on if policy is not None else None) or self.commit_on
         await commit_or_roll_back(opened, status=status, commit=not manual and commit_on(status), manual=manual)
+        if self.server_timing:
+            message = _with_server_timing(message, opened)
         await send(message)
 
     async def _answer_commit_failure(self, exc: CommitFailedError, scope: Scope, receive: Receive, send: Send) -> None:
@@ -186,6 +193,22 @@ def _got(value: object) -> str:
 def _check_callable(name: str, value: object, expected: str) -> None:
     if value is not None and not callable(value):
         raise TypeError(f"'{name}' must be {expected}; got {value!r} ({type(value).__name__}).")
+
+
+def _with_server_timing(message: Message, opened: Opened) -> Message:
+    """The status line with the database time, COMMIT included, in ``Server-Timing`` (merged with the app's)."""
+    metric = server_timing([state.meter for _, state, _ in opened])
+    if metric is None:
+        return message
+    headers = list(message.get("headers", ()))
+    for index, (name, value) in enumerate(headers):
+        if name.lower() == b"server-timing":
+            headers[index] = (name, value + b", " + metric)
+            break
+    else:
+        headers.append((b"server-timing", metric))
+    # A copy: the app's Response keeps the list it sent, and may send it again.
+    return {**message, "headers": headers}
 
 
 async def _send_then_run_after_commit(opened: Opened, message: Message, send: Send) -> None:

@@ -4,8 +4,9 @@ Installed as the ``starlette_alchemy`` plugin (``-p no:starlette_alchemy``
 turns it off). Override ``db_registry`` in your ``conftest.py`` to return the
 registry your app uses, then ask for ``db_transaction`` (a ``ScopedSession``)
 or ``adb_transaction`` (an ``AsyncScopedSession``, with anyio's pytest plugin)
-in the tests that should leave the database as they found it, and for
-``captured_commits`` to see the after-commit work they caused. The fixtures
+in the tests that should leave the database as they found it, for
+``captured_commits`` to see the after-commit work they caused, and for
+``query_counter`` to see the statements the app's scopes ran. The fixtures
 wrap the functions of ``starlette_alchemy.testing``, imported only when a test
 uses one, so the plugin costs nothing otherwise.
 """
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Connection
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-    from .testing import CapturedCommits
+    from .testing import CapturedCommits, QueryCounter
 
 _NO_REGISTRY = (
     "The 'db_registry' fixture is not defined for this test. Define it in your conftest.py to return "
@@ -60,3 +61,12 @@ def captured_commits(db_registry: Any) -> Iterator[CapturedCommits]:
 
     with capture_on_commit(db_registry) as captured:
         yield captured
+
+
+@pytest.fixture
+def query_counter() -> Iterator[QueryCounter]:
+    """The statements every registry's scopes run during the test (``assert query_counter.count <= n``)."""
+    from .testing import count_queries
+
+    with count_queries() as counter:
+        yield counter

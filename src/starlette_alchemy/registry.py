@@ -16,6 +16,7 @@ from sqlalchemy.util import ScopedRegistry
 
 from .exceptions import NoActiveScopeError, TrackingDisabledError
 from .lifecycle import _HOOKS_KEY, _TRACKER_KEY, Collector, Hooks
+from .observe import Meter, Observer, ScopeStats
 from .policy import BeginHook, Policy, characteristics_for, route_policy
 from .sessions import _ENDED, _STATE_KEY
 
@@ -41,6 +42,8 @@ class ScopeState(Generic[_T]):
         "ended",
         "hooks",
         "loop_thread",
+        "meter",
+        "observer",
         "on_begin",
         "origin",
         "policy",
@@ -57,6 +60,7 @@ class ScopeState(Generic[_T]):
         origin: MutableMapping[str, Any] | str | None = None,
         on_begin: list[BeginHook] | None = None,
         policy: Policy | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.session: _T | None = None
         self.doomed = False
@@ -85,6 +89,9 @@ class ScopeState(Generic[_T]):
         # Change tracking: the registry's hooks, and this scope's collector, made on first use.
         self.hooks = hooks
         self.collector: Collector | None = None
+        # Statistics: the registry's settings, and this scope's meter, made with its session.
+        self.observer = observer
+        self.meter: Meter | None = None
 
     @property
     def info(self) -> dict[str, Any]:
@@ -96,6 +103,10 @@ class ScopeState(Generic[_T]):
     def info_snapshot(self) -> Mapping[str, Any] | None:
         """What ``db.info`` holds now, for ``Changes.info``; ``None`` if nothing was ever put there."""
         return self._info
+
+    def stats_snapshot(self) -> ScopeStats:
+        """What the scope's statements cost so far (``db.stats``, ``Changes.stats``)."""
+        return self.meter.snapshot() if self.meter is not None else ScopeStats()
 
     def adopt_route_policy(self) -> Policy | None:
         """For a request's scope: take the policy of the endpoint the router matched, if any yet."""
@@ -124,6 +135,8 @@ class ScopeState(Generic[_T]):
         self.session = None
         self.collector = None
         self.began = None  # a transaction of the session: it would keep the session alive too
+        if self.meter is not None:
+            self.meter.finish()
         return ended
 
     def tracker(self) -> Collector:
@@ -131,7 +144,7 @@ class ScopeState(Generic[_T]):
         if self.collector is None:
             if self.hooks is None:
                 raise TrackingDisabledError(_UNTRACKED)
-            self.collector = Collector(self.hooks, self.info_snapshot)
+            self.collector = Collector(self.hooks, self.info_snapshot, self.stats_snapshot)
             if self.session is not None:
                 self.collector._attach(_sync(self.session))
         return self.collector
@@ -145,9 +158,16 @@ class ContextVarRegistry(ScopedRegistry[_T]):
     the shared holder reaches the code that opened the scope and must close it.
     """
 
-    __slots__ = ("_hooks", "_no_scope", "_var", "on_begin")
+    __slots__ = ("_hooks", "_no_scope", "_var", "observer", "on_begin")
 
-    def __init__(self, createfunc: Callable[..., _T], *, no_scope_message: str, hooks: Hooks | None = None) -> None:
+    def __init__(
+        self,
+        createfunc: Callable[..., _T],
+        *,
+        no_scope_message: str,
+        hooks: Hooks | None = None,
+        observer: Observer | None = None,
+    ) -> None:
         self.createfunc = createfunc
         self.scopefunc = self.current
         self.registry = None
@@ -155,6 +175,7 @@ class ContextVarRegistry(ScopedRegistry[_T]):
         self._hooks = hooks
         self._var: ContextVar[ScopeState[_T] | None] = ContextVar("starlette_alchemy.scope", default=None)
         self.on_begin: list[BeginHook] = []
+        self.observer = observer
 
     def __call__(self) -> _T:
         """Return the current scope's object, creating it on first use."""
@@ -168,6 +189,8 @@ class ContextVarRegistry(ScopedRegistry[_T]):
         policy = state.adopt_route_policy()
         if policy is not None:
             state.characteristics = characteristics_for(getattr(self.createfunc, "kw", {}).get("bind"), policy)
+        if state.observer is not None:
+            state.meter = Meter(state.observer, state.describe(), policy.max_queries if policy is not None else None)
         return self.createfunc()
 
     def has(self) -> bool:
@@ -206,7 +229,7 @@ class ContextVarRegistry(ScopedRegistry[_T]):
         self, origin: MutableMapping[str, Any] | str | None = None, policy: Policy | None = None
     ) -> tuple[ScopeState[_T], Token[ScopeState[_T] | None]]:
         """Open a new, empty scope in the current context; give the token to ``reset()``."""
-        state: ScopeState[_T] = ScopeState(self._hooks, origin, self.on_begin, policy)
+        state: ScopeState[_T] = ScopeState(self._hooks, origin, self.on_begin, policy, self.observer)
         return state, self._var.set(state)
 
     def reset(self, token: Token[ScopeState[_T] | None]) -> None:

@@ -6,7 +6,7 @@ import inspect
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, overload
 
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_scoped_session, async_sessionmaker
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from .exceptions import TrackingDisabledError
 from .lifecycle import AfterCommitHook, BeforeCommitHook, Callback, Collector, Hooks
+from .observe import NPlusOne, Observer, ScopeStats
 from .policy import BeginHook, ScopeOptions, scope_policy
 from .registry import _UNTRACKED, ContextVarRegistry, ScopeState
 from .sessions import (
@@ -30,7 +31,7 @@ from .shield import run_to_completion
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["AsyncScopedSession", "ContextVarRegistry", "ScopeState", "ScopedSession"]
+__all__ = ["AsyncScopedSession", "ContextVarRegistry", "ScopeState", "ScopedSession", "StatsOptions"]
 
 _T = TypeVar("_T", bound=Session | AsyncSession)
 _S = TypeVar("_S", bound=Session)
@@ -48,6 +49,7 @@ _ASYNC_ON_BEGIN = (
     "{name!r} is a coroutine function, but 'on_begin' hooks run at BEGIN, on the synchronous Connection. "
     "Register a plain function: 'connection.execute(...)' needs no await there."
 )
+_NO_STATS = "Statistics are off for this registry, so it has no 'stats'. Create it with 'stats=True' (the default)."
 _SYNC_HOOK = (
     "{name!r} is a coroutine function, but a 'ScopedSession' runs its hooks synchronously. "
     "Register a plain function, or use 'AsyncScopedSession'."
@@ -91,6 +93,14 @@ class _ScopeControls(Generic[_T]):
             raise TypeError(f"'on_begin' takes a function of (connection, info); got {hook!r}.")
         self.registry.on_begin.append(hook)
         return hook
+
+    @property
+    def stats(self) -> ScopeStats:
+        """What the current scope's statements cost so far: queries, seconds, lazy loads and rows written."""
+        state = self.registry.current()
+        if state.observer is None:
+            raise TrackingDisabledError(_NO_STATS)
+        return state.stats_snapshot()
 
     @property
     def is_doomed(self) -> bool:
@@ -156,16 +166,24 @@ class ScopedSession(_ScopeControls[_S], scoped_session[_S]):
     registry: ContextVarRegistry[_S]
 
     @overload
-    def __init__(self: ScopedSession[Session], bind: Engine, /, *, track_changes: bool = True) -> None: ...
+    def __init__(
+        self: ScopedSession[Session], bind: Engine, /, *, track_changes: bool = True, **stats: Unpack[StatsOptions]
+    ) -> None: ...
 
     @overload
-    def __init__(self, bind: sessionmaker[_S], /, *, track_changes: bool = True) -> None: ...
+    def __init__(
+        self, bind: sessionmaker[_S], /, *, track_changes: bool = True, **stats: Unpack[StatsOptions]
+    ) -> None: ...
 
-    def __init__(self, bind: Engine | sessionmaker[_S], /, *, track_changes: bool = True) -> None:
+    def __init__(
+        self, bind: Engine | sessionmaker[_S], /, *, track_changes: bool = True, **stats: Unpack[StatsOptions]
+    ) -> None:
         factory = sync_factory(bind, track_changes)
         self.session_factory = factory
         self.hooks = Hooks() if track_changes else None
-        self.registry = ContextVarRegistry(factory, no_scope_message=_NO_SCOPE.format(opener="with"), hooks=self.hooks)
+        self.registry = ContextVarRegistry(
+            factory, no_scope_message=_NO_SCOPE.format(opener="with"), hooks=self.hooks, observer=_observer(stats)
+        )
 
     def _check_callable(self, function: Callable[..., Any]) -> None:
         if inspect.iscoroutinefunction(function):
@@ -215,18 +233,32 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
 
     @overload
     def __init__(
-        self: AsyncScopedSession[AsyncSession], bind: AsyncEngine, /, *, track_changes: bool = True
+        self: AsyncScopedSession[AsyncSession],
+        bind: AsyncEngine,
+        /,
+        *,
+        track_changes: bool = True,
+        **stats: Unpack[StatsOptions],
     ) -> None: ...
 
     @overload
-    def __init__(self, bind: async_sessionmaker[_AS], /, *, track_changes: bool = True) -> None: ...
+    def __init__(
+        self, bind: async_sessionmaker[_AS], /, *, track_changes: bool = True, **stats: Unpack[StatsOptions]
+    ) -> None: ...
 
-    def __init__(self, bind: AsyncEngine | async_sessionmaker[_AS], /, *, track_changes: bool = True) -> None:
+    def __init__(
+        self,
+        bind: AsyncEngine | async_sessionmaker[_AS],
+        /,
+        *,
+        track_changes: bool = True,
+        **stats: Unpack[StatsOptions],
+    ) -> None:
         factory = async_factory(bind, track_changes)
         self.session_factory = factory
         self.hooks = Hooks() if track_changes else None
         self.registry = ContextVarRegistry(
-            factory, no_scope_message=_NO_SCOPE.format(opener="async with"), hooks=self.hooks
+            factory, no_scope_message=_NO_SCOPE.format(opener="async with"), hooks=self.hooks, observer=_observer(stats)
         )
 
     @asynccontextmanager
@@ -263,6 +295,32 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
             if collector is not None:
                 collector._settle(committed=committed)
                 await run_to_completion(collector._arun_ready())
+
+
+class StatsOptions(TypedDict, total=False):
+    """A registry's statistics options (``db.stats``, N+1 detection, slow statements)."""
+
+    stats: bool
+    n_plus_one: NPlusOne
+    slow_query: float | None
+
+
+def _observer(options: StatsOptions) -> Observer | None:
+    """The registry's ``Observer``, or ``None`` with ``stats=False``; wrong options are refused."""
+    unknown = set(options) - set(StatsOptions.__annotations__)
+    if unknown:
+        raise TypeError(
+            f"Unknown option {sorted(unknown)[0]!r}; a registry takes track_changes, stats, n_plus_one and slow_query."
+        )
+    stats = options.get("stats", True)
+    if not isinstance(stats, bool):
+        raise TypeError(f"'stats' must be True or False; got {stats!r} ({type(stats).__name__}).")
+    if not stats:
+        tuned = [name for name in ("n_plus_one", "slow_query") if options.get(name) is not None]
+        if tuned:
+            raise ValueError(f"'{tuned[0]}' needs statistics, which 'stats=False' turns off. Drop one of them.")
+        return None
+    return Observer(n_plus_one=options.get("n_plus_one", 10), slow_query=options.get("slow_query"))
 
 
 def _name(function: Callable[..., Any]) -> str:

@@ -21,6 +21,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, session
 
 from .exceptions import NoActiveScopeError, ReadOnlyTransactionError, SessionSealedError
 from .lifecycle import _TrackedSession
+from .observe import Meter, watch
 from .policy import BeginScope, begin, warn_once
 
 logger = logging.getLogger("starlette_alchemy")
@@ -40,6 +41,7 @@ class _Scope(BeginScope, Protocol):
     raw_sql: bool
     wrote: bool
     loop_thread: int | None
+    meter: Meter | None
 
 
 _SEALED = (
@@ -106,9 +108,19 @@ class _ScopeSession(Session):
             if state.sealed:
                 raise _sealed_error(state)
             _note_blocking(state)
-        super().commit()
+        meter = state.meter if state is not None else None
+        if meter is not None:
+            meter.commit_started()
+        try:
+            super().commit()
+        except BaseException:
+            if meter is not None:
+                meter.committed(ok=False)
+            raise
         if state is not None:
             state.wrote = False  # what the transaction wrote is committed
+            if meter is not None:
+                meter.committed(ok=True)
 
     def rollback(self) -> None:
         super().rollback()
@@ -207,6 +219,8 @@ def _check_statement(execute_state: ORMExecuteState) -> None:
     _characterize(session, state)
     statement = execute_state.statement
     if statement.is_select:
+        if state.meter is not None and execute_state.lazy_loaded_from is not None:
+            state.meter.lazy_load(execute_state)
         return
     if statement.is_dml:
         _refuse_writes(state)
@@ -234,12 +248,22 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
         # may acquire a connection after it: give that connection back at once.
         connection.invalidate()
         raise NoActiveScopeError(_ENDED)
+    if state.meter is not None:
+        watch(connection, state.meter)  # first: what on_begin hooks run counts too
     # A SAVEPOINT is not a new transaction: what BEGIN set up still holds in it.
     if not transaction.nested:
         if state.characteristics is not None:
             state.began = transaction
         if state.on_begin or (state.policy is not None and state.policy.statement_timeout is not None):
             begin(connection, state)
+
+
+@event.listens_for(_ScopeSession, "after_transaction_end")
+def _transaction_ended(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        state: _Scope | None = session.info.get(_STATE_KEY)
+        if state is not None and state.meter is not None:
+            state.meter.transaction_ended(wrote=state.wrote)
 
 
 _scope_classes: dict[tuple[type[Session], type[Session]], type[Session]] = {}

@@ -7,8 +7,9 @@ block ends. Every session the registry creates meanwhile, through
 ``join_transaction_mode="create_savepoint"``, so its COMMIT only releases a
 SAVEPOINT. ``capture_on_commit(db)`` records the after-commit work of the
 transactions that commit, and ``assert_changes()`` compares one transaction's
-``Changes`` with what a test expects. The pytest fixtures in
-``starlette_alchemy.pytest_plugin`` wrap them.
+``Changes`` with what a test expects; ``assert_max_queries(n)`` and
+``count_queries()`` count the statements scopes run (queries.py). The pytest
+fixtures in ``starlette_alchemy.pytest_plugin`` wrap them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from .changes import Change, Changes
 from .lifecycle import AfterCommitCall
+from .queries import QueryCounter, assert_max_queries, count_queries
 from .registry import ScopeState
 from .scoped import AsyncScopedSession, ScopedSession
 from .sessions import _STATE_KEY
@@ -34,9 +36,12 @@ __all__ = [
     "AfterCommitRecord",
     "CapturedCommits",
     "LostCommitWarning",
+    "QueryCounter",
     "arolled_back",
     "assert_changes",
+    "assert_max_queries",
     "capture_on_commit",
+    "count_queries",
     "rolled_back",
 ]
 

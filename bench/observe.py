@@ -1,0 +1,136 @@
+"""What query statistics and the OpenTelemetry span cost, as ratios measured in the same run.
+
+Run ``make bench-observe`` (``BENCH_ARGS=--quick`` for a smoke run). For each
+database, the same app is timed, in process, in interleaved rounds, as:
+
+- ``off``: a registry created with ``stats=False``;
+- ``on``: the default, statistics on; OpenTelemetry installed, no tracer provider set;
+- ``no-otel``: statistics on, as if OpenTelemetry were not installed;
+- ``sdk``: statistics on, with an SDK tracer provider, a batch span processor and an exporter that drops spans.
+
+Targets: ``on`` within 3% of ``off`` on w1 (a read) and w2 (an insert);
+``on`` within 1% of ``no-otel``; ``sdk`` against ``on`` is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from bench.driver import databases
+from bench.models import Row, recreate
+from bench.policy import measure, report
+from bench.requests import Target, ok
+from starlette_alchemy import AsyncScopedSession, DBSessionMiddleware, ScopedSession, observe
+
+
+class _DropSpans(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+def app(kind: str, url: str, *, stats: bool) -> ASGIApp:
+    """w1 reads a row by primary key, w2 inserts one; the middleware commits."""
+    if kind == "async":
+        adb = AsyncScopedSession(create_async_engine(url), stats=stats)
+
+        async def w1(request: Request) -> Response:
+            await adb.get(Row, 1)
+            return ok()
+
+        async def w2(request: Request) -> Response:
+            adb.add(Row(name="x"))
+            return ok()
+
+        routes: dict[str, Any] = {"w1": w1, "w2": w2}
+        db: Any = adb
+    else:
+        db = ScopedSession(sa.create_engine(url), stats=stats)
+
+        def w1_sync(request: Request) -> Response:
+            db.get(Row, 1)
+            return ok()
+
+        def w2_sync(request: Request) -> Response:
+            db.add(Row(name="x"))
+            return ok()
+
+        routes = {"w1": w1_sync, "w2": w2_sync}
+    return Starlette(
+        routes=[Route(f"/{name}", endpoint, methods=["GET", "POST"]) for name, endpoint in routes.items()],
+        middleware=[Middleware(DBSessionMiddleware, db=db)],
+    )
+
+
+class Setting:
+    """Put the process's OpenTelemetry state as a variant needs it, around each of its requests."""
+
+    def __init__(self, app: ASGIApp, otel: Any, provider: Any) -> None:
+        self.app, self.otel, self.provider = app, otel, provider
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Every variant pays for this wrapper alike; only what it sets differs.
+        observe._trace = self.otel
+        trace._TRACER_PROVIDER = self.provider  # None: no provider set (the proxy)
+        await self.app(scope, receive, send)
+
+
+TARGETS = [
+    Target("w1 (a read): statistics on / off, throughput", "w1", "on", "off", 0.97),
+    Target("w2 (an insert): statistics on / off, throughput", "w2", "on", "off", 0.97),
+    Target("w1: OpenTelemetry installed, no provider / not installed", "w1", "on", "no-otel", 0.99),
+    Target("w2: OpenTelemetry installed, no provider / not installed", "w2", "on", "no-otel", 0.99),
+    Target("w1: SDK provider, spans dropped / no provider (reference)", "w1", "sdk", "on", None),
+    Target("w2: SDK provider, spans dropped / no provider (reference)", "w2", "sdk", "on", None),
+]
+
+
+async def main(rounds: int, count: int, only: str) -> int:
+    started, missed = time.monotonic(), 0
+    installed = observe._trace
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(_DropSpans()))
+    gc.freeze()
+    with tempfile.TemporaryDirectory() as directory:
+        for label, kind, url in databases(Path(directory)):
+            if only not in label:
+                continue
+            recreate(url)
+            apps: dict[str, ASGIApp] = {
+                "off": Setting(app(kind, url, stats=False), installed, None),
+                "on": Setting(app(kind, url, stats=True), installed, None),
+                "no-otel": Setting(app(kind, url, stats=True), None, None),
+                "sdk": Setting(app(kind, url, stats=True), installed, provider),
+            }
+            rows = await measure(apps, TARGETS, rounds, count)
+            missed += report(f"{label}, in process, sequential ({rounds} rounds x {count} requests)", rows, TARGETS)
+    provider.shutdown()
+    print(f"\n{time.monotonic() - started:.0f} s; {'all targets met' if not missed else f'{missed} MISSED'}")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few rounds of a few requests: a smoke run")
+    parser.add_argument("--only", default="", help="only the databases whose label contains this, e.g. 'psycopg'")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(main(rounds=2 if args.quick else 30, count=50 if args.quick else 1_000, only=args.only)))

@@ -1,0 +1,406 @@
+"""What a scope's statements cost: ``ScopeStats``, N+1 detection, slow statements and the transaction span.
+
+Each scope whose registry keeps statistics has a ``Meter``. When the scope's
+session begins a transaction, ``watch()`` ties the connection to the meter;
+the listeners this module puts on that connection's engine then count and
+time each statement the connection sends, and nothing else's. The session's
+own listeners (sessions.py) report lazy loads and the end of each
+transaction. When the scope ends, ``Meter.finish()`` records an OpenTelemetry
+span for it, if OpenTelemetry is installed and a tracer provider is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+from weakref import WeakKeyDictionary, WeakSet
+
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.orm import ORMExecuteState
+
+from .exceptions import NPlusOneError
+
+try:
+    from opentelemetry import trace as _opentelemetry_trace
+except ImportError:  # the 'otel' extra is not installed: no spans
+    _opentelemetry_trace = None  # type: ignore[assignment]
+
+# OpenTelemetry's trace API, or None; a variable, so the benchmarks can compare it absent and present.
+_trace: Any = _opentelemetry_trace
+
+__all__ = ["Observer", "ScopeStats"]
+
+logger = logging.getLogger("starlette_alchemy")
+
+NPlusOne = int | Literal["raise"] | None
+# The threshold of n_plus_one="raise": the default one, where it raises rather than warns.
+_N_PLUS_ONE = 10
+_NO_ROWS: Mapping[str, int] = MappingProxyType({"insert": 0, "update": 0, "delete": 0})
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeStats:
+    """What a scope's statements cost so far: a snapshot, taken when read.
+
+    ``queries`` counts the statements its sessions sent (not BEGIN, COMMIT,
+    ROLLBACK or SAVEPOINT); ``seconds`` is the time spent in them and in the
+    COMMIT; ``lazy_loads`` counts relationship loads that ran a query;
+    ``rows`` maps ``"insert"``, ``"update"`` and ``"delete"`` to rows affected.
+    """
+
+    queries: int = 0
+    seconds: float = 0.0
+    lazy_loads: int = 0
+    rows: Mapping[str, int] = field(default_factory=lambda: _NO_ROWS)
+
+
+class Observer:
+    """A registry's statistics settings, and the N+1 warnings it already gave."""
+
+    __slots__ = ("_warned", "n_plus_one", "raises", "slow_query")
+
+    def __init__(self, *, n_plus_one: NPlusOne = _N_PLUS_ONE, slow_query: float | None = None) -> None:
+        _check_settings(n_plus_one, slow_query)
+        self.raises = n_plus_one == "raise"
+        self.n_plus_one: int | None = _N_PLUS_ONE if n_plus_one == "raise" else n_plus_one
+        self.slow_query = slow_query
+        self._warned: set[tuple[str, str]] = set()
+
+    def warn_once(self, route: str, relationship: str, message: str, *args: Any) -> None:
+        """Log *message* the first time *route* lazy-loads *relationship* too often (per registry, bounded)."""
+        key = (route, relationship)
+        if key not in self._warned and len(self._warned) < 1000:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+
+def _check_settings(n_plus_one: object, slow_query: object) -> None:
+    if n_plus_one not in (None, "raise") and not (
+        isinstance(n_plus_one, int) and not isinstance(n_plus_one, bool) and n_plus_one >= 2
+    ):
+        raise ValueError(
+            f"'n_plus_one' must be a number of lazy loads (2 or more) that triggers the warning, 'raise' to raise "
+            f"NPlusOneError instead, or None to turn it off; got {n_plus_one!r}."
+        )
+    if slow_query is not None and (
+        not isinstance(slow_query, int | float) or isinstance(slow_query, bool) or not slow_query > 0
+    ):
+        raise ValueError(f"'slow_query' must be a number of seconds, more than 0, or None; got {slow_query!r}.")
+
+
+class Meter:
+    """One scope's running statistics: fed by the engine's events, read as ``ScopeStats`` snapshots."""
+
+    __slots__ = (
+        "_commit_mark",
+        "_last_end",
+        "_connections",
+        "_lazy",
+        "began_ns",
+        "deleted",
+        "ended_ns",
+        "inserted",
+        "lazy_loads",
+        "max_queries",
+        "observer",
+        "outcome",
+        "queries",
+        "route",
+        "seconds",
+        "system",
+        "updated",
+    )
+
+    def __init__(self, observer: Observer, route: str, max_queries: int | None) -> None:
+        self.observer = observer
+        self.route = route
+        self.max_queries = max_queries
+        self.queries = self.lazy_loads = self.inserted = self.updated = self.deleted = 0
+        self.seconds = 0.0
+        # When the last statement ended, and when commit() was called (0.0: no COMMIT in flight).
+        self._last_end = self._commit_mark = 0.0
+        self._lazy: dict[object, int] = {}
+        self._connections: list[Connection] = []
+        # For the span: the database, when the first transaction began and the last one ended, and how.
+        self.system: str | None = None
+        self.began_ns = self.ended_ns = 0
+        self.outcome: str | None = None
+
+    def snapshot(self) -> ScopeStats:
+        """The statistics as they are now (a COMMIT in flight is counted up to now)."""
+        self.stop_commit_clock()
+        rows = MappingProxyType({"insert": self.inserted, "update": self.updated, "delete": self.deleted})
+        return ScopeStats(self.queries, self.seconds, self.lazy_loads, rows)
+
+    # -- called by the session's listeners (sessions.py) -----------------------------------
+
+    def lazy_load(self, execute_state: ORMExecuteState) -> None:
+        """Count a lazy load about to run its query; warn (or raise) when one relationship loads too often."""
+        self.lazy_loads += 1
+        path = execute_state.loader_strategy_path
+        relationship = path[-1] if path is not None and len(path) else None
+        count = self._lazy[relationship] = self._lazy.get(relationship, 0) + 1
+        threshold = self.observer.n_plus_one
+        if threshold is not None and count >= threshold and relationship is not None:
+            self._n_plus_one(str(relationship), count)
+
+    def _n_plus_one(self, relationship: str, count: int) -> None:
+        fix = f"load them with the query that loads the parents: '.options(selectinload({relationship}))'"
+        if self.observer.raises:
+            raise NPlusOneError(f"{self.route} lazy-loaded {relationship} {count} times, one query each (N+1); {fix}.")
+        if count == self.observer.n_plus_one:
+            self.observer.warn_once(
+                self.route,
+                relationship,
+                "%s lazy-loaded %s %d times, one query each (N+1); %s.",
+                self.route,
+                relationship,
+                count,
+                fix,
+            )
+
+    def transaction_ended(self, wrote: bool) -> None:
+        """The scope's root transaction ended; ``commit()`` then says if it committed."""
+        if not self._connections:
+            return  # it never reached the database
+        self.ended_ns = time.time_ns()
+        # A failed COMMIT stays the outcome: discarding its connection ends the transaction afterwards.
+        if self.outcome != "commit_failed" and (wrote or self.outcome is None):
+            self.outcome = "rollback"
+        self.unwatch()
+
+    def commit_started(self) -> None:
+        """The session's ``commit()`` was called: its COMMIT is timed from then, or from its flush's last statement."""
+        self._commit_mark = time.perf_counter()
+
+    def committed(self, ok: bool) -> None:
+        """The session's ``commit()`` returned (*ok*) or raised."""
+        self.stop_commit_clock()
+        self.outcome = "commit" if ok else "commit_failed"
+
+    def stop_commit_clock(self) -> None:
+        """Count the COMMIT in flight, if any, up to now."""
+        mark = self._commit_mark
+        if mark:
+            self.seconds += time.perf_counter() - max(mark, self._last_end)
+            self._commit_mark = 0.0
+
+    def unwatch(self) -> None:
+        """Stop counting what the connections of the ended transaction send."""
+        for connection in self._connections:
+            if _meters.get(connection) is self:
+                del _meters[connection]
+        self._connections.clear()
+
+    # -- called by the engine's listeners ------------------------------------------------
+
+    def _run(
+        self, execute: Callable[..., None], cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+    ) -> None:
+        """Run a statement through the dialect's own *execute*, and count it, failed or not."""
+        started = time.perf_counter()
+        try:
+            execute(cursor, statement, parameters, context)
+        except BaseException:
+            self._statement(statement, None, started, 0, failed=True)
+            raise
+        self._statement(statement, context, started, _rows(cursor, parameters, context, many), failed=False)
+
+    def _statement(self, statement: str, context: Any, started: float, rows: int, failed: bool) -> None:
+        self._last_end = now = time.perf_counter()
+        elapsed = now - started
+        self.queries += 1
+        self.seconds += elapsed
+        if rows:
+            if context.isinsert:
+                self.inserted += rows
+            elif context.isupdate:
+                self.updated += rows
+            elif context.isdelete:
+                self.deleted += rows
+        if self.max_queries is not None and self.queries == self.max_queries + 1:
+            logger.warning(
+                "%s ran more than its max_queries=%d statements; the one over: %s",
+                self.route,
+                self.max_queries,
+                _shorten(statement),
+            )
+        slow = self.observer.slow_query
+        if slow is not None and elapsed >= slow:
+            logger.warning(
+                "A statement of %s took %.3f s (slow_query=%s)%s: %s",
+                self.route,
+                elapsed,
+                slow,
+                " and failed" if failed else "",
+                _shorten(statement),
+            )
+        for watcher in _watchers:
+            watcher(statement, self.observer)
+
+    # -- at the scope's end --------------------------------------------------------------
+
+    def finish(self) -> None:
+        """The scope ended: record its ``db.transaction`` span, if it used the database and a tracer is set."""
+        if self._connections:
+            self.unwatch()  # a transaction still open: the scope's owner closes it next
+        if _trace is None or not self.began_ns:
+            return
+        provider = _trace.get_tracer_provider()
+        if isinstance(provider, _trace.ProxyTracerProvider | _trace.NoOpTracerProvider):
+            return  # no provider set: no span, no cost
+        _record_span(provider, self)
+
+
+def _record_span(provider: Any, meter: Meter) -> None:
+    """Record the scope's span after the fact, from its first BEGIN to its last transaction's end."""
+    attributes: dict[str, Any] = {
+        "db.system.name": meter.system or "other_sql",
+        "db.transaction.outcome": meter.outcome or "rollback",
+        "db.transaction.queries": meter.queries,
+        "db.transaction.rows.inserted": meter.inserted,
+        "db.transaction.rows.updated": meter.updated,
+        "db.transaction.rows.deleted": meter.deleted,
+    }
+    route = _route_template(meter.route)
+    if route is not None:
+        attributes["http.route"] = route
+    else:
+        attributes["db.transaction.scope"] = meter.route
+    tracer = _tracer(provider)
+    span = tracer.start_span("db.transaction", start_time=meter.began_ns, attributes=attributes)
+    if meter.outcome == "commit_failed":
+        span.set_status(_trace.StatusCode.ERROR, "COMMIT failed")
+    span.end(end_time=meter.ended_ns or time.time_ns())
+
+
+_tracers: tuple[Any, Any] | None = None
+
+
+def _tracer(provider: Any) -> Any:
+    """The package's tracer from *provider*, made once per provider (the SDK makes a new one per call)."""
+    global _tracers
+    cached = _tracers
+    if cached is None or cached[0] is not provider:
+        cached = _tracers = (provider, provider.get_tracer("starlette_alchemy"))
+    return cached[1]
+
+
+def _route_template(route: str) -> str | None:
+    """The path template of a request's route name ("'GET /items/{id}'"), or ``None`` for ``db.scope()``."""
+    if route.startswith("'db.scope()'") or " " not in route:
+        return None
+    return route.strip("'").split(" ", 1)[1]
+
+
+def server_timing(meters: list[Meter | None]) -> bytes | None:
+    """The ``Server-Timing`` metric of a request's scopes (``db;dur=<ms>;desc="<n> queries"``), if they sent any."""
+    queries, seconds = 0, 0.0
+    for meter in meters:
+        if meter is not None:
+            meter.stop_commit_clock()
+            queries += meter.queries
+            seconds += meter.seconds
+    if not queries and not seconds:
+        return None
+    return f'db;dur={seconds * 1000:.2f};desc="{queries} queries"'.encode()
+
+
+def _shorten(statement: str) -> str:
+    """The statement for a log line: placeholders, never parameters; one line, at most 500 characters."""
+    one_line = " ".join(statement.split())
+    return one_line if len(one_line) <= 500 else one_line[:497] + "..."
+
+
+# -- tying connections to meters, and the engine's listeners ------------------------------------
+
+_meters: WeakKeyDictionary[Connection, Meter] = WeakKeyDictionary()
+_engines: WeakSet[Engine] = WeakSet()
+_engines_lock = threading.Lock()
+# Called with each counted statement: the testing kit's query counters.
+_watchers: list[Callable[[str, Observer], None]] = []
+
+
+def watch(connection: Connection, meter: Meter) -> None:
+    """Count what *connection* sends, for *meter*, until its transaction ends."""
+    if _meters.get(connection) is meter:
+        return  # a SAVEPOINT of the transaction already watched
+    engine = connection.engine
+    if engine not in _engines:
+        _listen(engine)
+    _meters[connection] = meter
+    meter._connections.append(connection)
+    if not meter.began_ns:
+        meter.began_ns = time.time_ns()
+        dialect = connection.dialect
+        meter.system = "mariadb" if getattr(dialect, "is_mariadb", False) else dialect.name
+
+
+def _listen(engine: Engine) -> None:
+    # The dialect's execute events, not the Connection's: with a Connection event listened to, SQLAlchemy
+    # dispatches every connection event of the engine through a per-connection join, which cost
+    # more per transaction than everything this module does.
+    with _engines_lock:
+        if engine in _engines:
+            return
+        event.listen(engine, "do_execute", _do_execute)
+        event.listen(engine, "do_executemany", _do_executemany)
+        event.listen(engine, "do_execute_no_params", _do_execute_no_params)
+        _engines.add(engine)
+
+
+def _do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+    """Run and count a statement of a watched connection; leave any other to SQLAlchemy (False)."""
+    meter = _meters.get(context.root_connection)
+    if meter is None or _controls_transaction(statement):
+        return False
+    meter._run(context.dialect.do_execute, cursor, statement, parameters, context, many=False)
+    return True  # it ran
+
+
+def _do_executemany(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+    meter = _meters.get(context.root_connection)
+    if meter is None:
+        return False
+    meter._run(context.dialect.do_executemany, cursor, statement, parameters, context, many=True)
+    return True
+
+
+def _do_execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
+    meter = _meters.get(context.root_connection)
+    if meter is None or _controls_transaction(statement):
+        return False
+    started = time.perf_counter()
+    try:
+        context.dialect.do_execute_no_params(cursor, statement, context)
+    except BaseException:
+        meter._statement(statement, None, started, 0, failed=True)
+        raise
+    meter._statement(statement, context, started, _rows(cursor, None, context, False), failed=False)
+    return True
+
+
+def _controls_transaction(statement: str) -> bool:
+    """True for SAVEPOINT, RELEASE, ROLLBACK TO, and BEGIN/COMMIT sent as SQL (SQLite recipes)."""
+    head = statement[:4].upper()
+    return head in _CONTROL and statement.lstrip().split(None, 1)[0].upper() in _CONTROL_WORDS
+
+
+_CONTROL = frozenset(("SAVE", "RELE", "ROLL", "BEGI", "COMM"))
+_CONTROL_WORDS = frozenset(("SAVEPOINT", "RELEASE", "ROLLBACK", "BEGIN", "COMMIT"))
+
+
+def _rows(cursor: Any, parameters: Any, context: Any, many: bool) -> int:
+    """Rows an INSERT, UPDATE or DELETE affected: the driver's count, else one per parameter set."""
+    if not (context.isinsert or context.isupdate or context.isdelete):
+        return 0
+    count: int = cursor.rowcount
+    if count > 0 or (count == 0 and not context.isinsert):
+        return count
+    # An INSERT ... RETURNING whose rows are not fetched yet, or an executemany the driver does not count.
+    return len(parameters) if many else 1
