@@ -2,23 +2,25 @@
 
 Each scope whose registry keeps statistics has a ``Meter``. When the scope's
 session begins a transaction, ``watch()`` ties the connection to the meter;
-the listeners this module puts on that connection's engine then count and
-time each statement the connection sends, and nothing else's. The session's
-own listeners (sessions.py) report lazy loads and the end of each
-transaction. When the scope ends, ``Meter.finish()`` records an OpenTelemetry
-span for it, if OpenTelemetry is installed and a tracer provider is set.
+the execute listeners this module puts on that engine's dialect then run,
+count and time each statement the connection sends, and leave every other
+connection's to SQLAlchemy. The session's own listeners (sessions.py) report
+lazy loads, COMMITs and the end of each transaction. When the scope ends,
+``Meter.finish()`` records an OpenTelemetry span for it, if OpenTelemetry is
+installed and a tracer provider is set.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
-from weakref import WeakKeyDictionary, WeakSet
+from typing import Any, Literal, Protocol
+from weakref import WeakSet
 
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.orm import ORMExecuteState
@@ -59,10 +61,16 @@ class ScopeStats:
     rows: Mapping[str, int] = field(default_factory=lambda: _NO_ROWS)
 
 
+class Described(Protocol):
+    """What a meter reads of its scope (``ScopeState``, registry.py)."""
+
+    def describe(self) -> str: ...
+
+
 class Observer:
     """A registry's statistics settings, and the N+1 warnings it already gave."""
 
-    __slots__ = ("_warned", "n_plus_one", "raises", "slow_query")
+    __slots__ = ("_warned", "engines", "n_plus_one", "raises", "slow_query")
 
     def __init__(self, *, n_plus_one: NPlusOne = _N_PLUS_ONE, slow_query: float | None = None) -> None:
         _check_settings(n_plus_one, slow_query)
@@ -70,6 +78,8 @@ class Observer:
         self.n_plus_one: int | None = _N_PLUS_ONE if n_plus_one == "raise" else n_plus_one
         self.slow_query = slow_query
         self._warned: set[tuple[str, str]] = set()
+        # The engines whose statements this registry's sessions count (see _listen()).
+        self.engines: set[Engine] = set()
 
     def warn_once(self, route: str, relationship: str, message: str, *args: Any) -> None:
         """Log *message* the first time *route* lazy-loads *relationship* too often (per registry, bounded)."""
@@ -98,9 +108,11 @@ class Meter:
 
     __slots__ = (
         "_commit_mark",
-        "_last_end",
         "_connections",
+        "_last_end",
         "_lazy",
+        "_route",
+        "_scope",
         "began_ns",
         "deleted",
         "ended_ns",
@@ -110,15 +122,16 @@ class Meter:
         "observer",
         "outcome",
         "queries",
-        "route",
         "seconds",
         "system",
         "updated",
     )
 
-    def __init__(self, observer: Observer, route: str, max_queries: int | None) -> None:
+    def __init__(self, observer: Observer, scope: Described, max_queries: int | None) -> None:
         self.observer = observer
-        self.route = route
+        # The scope, for its name in messages, named only when one is needed; let go of when it ends.
+        self._scope: Described | None = scope
+        self._route: str | None = None
         self.max_queries = max_queries
         self.queries = self.lazy_loads = self.inserted = self.updated = self.deleted = 0
         self.seconds = 0.0
@@ -130,6 +143,13 @@ class Meter:
         self.system: str | None = None
         self.began_ns = self.ended_ns = 0
         self.outcome: str | None = None
+
+    @property
+    def route(self) -> str:
+        """The scope's name in messages: its request's route, or where its ``db.scope()`` was opened."""
+        if self._route is None:
+            self._route = self._scope.describe() if self._scope is not None else "a scope"
+        return self._route
 
     def snapshot(self) -> ScopeStats:
         """The statistics as they are now (a COMMIT in flight is counted up to now)."""
@@ -172,7 +192,10 @@ class Meter:
         # A failed COMMIT stays the outcome: discarding its connection ends the transaction afterwards.
         if self.outcome != "commit_failed" and (wrote or self.outcome is None):
             self.outcome = "rollback"
-        self.unwatch()
+        for connection in self._connections:
+            if getattr(connection, _METER, None) is self:
+                delattr(connection, _METER)
+        self._connections.clear()
 
     def commit_started(self) -> None:
         """The session's ``commit()`` was called: its COMMIT is timed from then, or from its flush's last statement."""
@@ -180,7 +203,10 @@ class Meter:
 
     def committed(self, ok: bool) -> None:
         """The session's ``commit()`` returned (*ok*) or raised."""
-        self.stop_commit_clock()
+        mark = self._commit_mark
+        if mark:  # not counted yet, by a snapshot taken in an after-commit listener
+            self.seconds += time.perf_counter() - max(mark, self._last_end)
+            self._commit_mark = 0.0
         self.outcome = "commit" if ok else "commit_failed"
 
     def stop_commit_clock(self) -> None:
@@ -190,39 +216,14 @@ class Meter:
             self.seconds += time.perf_counter() - max(mark, self._last_end)
             self._commit_mark = 0.0
 
-    def unwatch(self) -> None:
-        """Stop counting what the connections of the ended transaction send."""
-        for connection in self._connections:
-            if _meters.get(connection) is self:
-                del _meters[connection]
-        self._connections.clear()
-
     # -- called by the engine's listeners ------------------------------------------------
 
-    def _run(
-        self, execute: Callable[..., None], cursor: Any, statement: str, parameters: Any, context: Any, many: bool
-    ) -> None:
-        """Run a statement through the dialect's own *execute*, and count it, failed or not."""
-        started = time.perf_counter()
-        try:
-            execute(cursor, statement, parameters, context)
-        except BaseException:
-            self._statement(statement, None, started, 0, failed=True)
-            raise
-        self._statement(statement, context, started, _rows(cursor, parameters, context, many), failed=False)
-
-    def _statement(self, statement: str, context: Any, started: float, rows: int, failed: bool) -> None:
+    def _statement(self, statement: str, started: float, failed: bool) -> None:
+        """Count a statement that was sent at *started* and just ended."""
         self._last_end = now = time.perf_counter()
         elapsed = now - started
         self.queries += 1
         self.seconds += elapsed
-        if rows:
-            if context.isinsert:
-                self.inserted += rows
-            elif context.isupdate:
-                self.updated += rows
-            elif context.isdelete:
-                self.deleted += rows
         if self.max_queries is not None and self.queries == self.max_queries + 1:
             logger.warning(
                 "%s ran more than its max_queries=%d statements; the one over: %s",
@@ -240,21 +241,37 @@ class Meter:
                 " and failed" if failed else "",
                 _shorten(statement),
             )
-        for watcher in _watchers:
-            watcher(statement, self.observer)
+        if _watchers:
+            for watcher in _watchers:
+                watcher(statement, self.observer)
+
+    def _rows(self, cursor: Any, parameters: Any, context: Any, many: bool) -> None:
+        """Count the rows an INSERT, UPDATE or DELETE affected: the driver's count, else one per parameter set."""
+        count: int = cursor.rowcount
+        if count < 0 or (count == 0 and context.isinsert):
+            # An INSERT ... RETURNING whose rows are not fetched yet, or an executemany the driver does not count.
+            count = len(parameters) if many else 1
+        if context.isinsert:
+            self.inserted += count
+        elif context.isupdate:
+            self.updated += count
+        else:
+            self.deleted += count
 
     # -- at the scope's end --------------------------------------------------------------
 
-    def finish(self) -> None:
-        """The scope ended: record its ``db.transaction`` span, if it used the database and a tracer is set."""
+    def finish(self, wrote: bool) -> None:
+        """The scope ended: record its ``db.transaction`` span, if it used the database and a tracer is set.
+
+        *wrote*: its transaction, if one is still open (its owner rolls it back next), wrote.
+        """
         if self._connections:
-            self.unwatch()  # a transaction still open: the scope's owner closes it next
-        if _trace is None or not self.began_ns:
-            return
-        provider = _trace.get_tracer_provider()
-        if isinstance(provider, _trace.ProxyTracerProvider | _trace.NoOpTracerProvider):
-            return  # no provider set: no span, no cost
-        _record_span(provider, self)
+            self.transaction_ended(wrote)
+        if _trace is not None and self.began_ns:
+            provider = _provider()
+            if provider is not None:
+                _record_span(provider, self)
+        self._scope = None  # the scope holds the meter: no cycle outlives it
 
 
 def _record_span(provider: Any, meter: Meter) -> None:
@@ -280,6 +297,19 @@ def _record_span(provider: Any, meter: Meter) -> None:
 
 
 _tracers: tuple[Any, Any] | None = None
+_PROVIDER_FROM_ENVIRONMENT = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+_UNKNOWN = object()
+
+
+def _provider() -> Any:
+    """The global tracer provider, or ``None`` if none is set: then no span is made, at no cost."""
+    # OpenTelemetry's own global, read directly: its getter looks the environment up at every call.
+    provider = getattr(_trace, "_TRACER_PROVIDER", _UNKNOWN)
+    if provider is _UNKNOWN or (provider is None and _PROVIDER_FROM_ENVIRONMENT):
+        provider = _trace.get_tracer_provider()
+    if provider is None or isinstance(provider, _trace.ProxyTracerProvider | _trace.NoOpTracerProvider):
+        return None
+    return provider
 
 
 def _tracer(provider: Any) -> Any:
@@ -319,7 +349,8 @@ def _shorten(statement: str) -> str:
 
 # -- tying connections to meters, and the engine's listeners ------------------------------------
 
-_meters: WeakKeyDictionary[Connection, Meter] = WeakKeyDictionary()
+# The attribute of a Connection (a new object per checkout) that holds the meter of the scope it began for.
+_METER = "_starlette_alchemy_meter"
 _engines: WeakSet[Engine] = WeakSet()
 _engines_lock = threading.Lock()
 # Called with each counted statement: the testing kit's query counters.
@@ -328,12 +359,14 @@ _watchers: list[Callable[[str, Observer], None]] = []
 
 def watch(connection: Connection, meter: Meter) -> None:
     """Count what *connection* sends, for *meter*, until its transaction ends."""
-    if _meters.get(connection) is meter:
+    if getattr(connection, _METER, None) is meter:
         return  # a SAVEPOINT of the transaction already watched
     engine = connection.engine
-    if engine not in _engines:
+    if engine not in meter.observer.engines:
         _listen(engine)
-    _meters[connection] = meter
+        meter.observer.engines.add(engine)
+    # An attribute of the Connection rather than a weak mapping: it is read for every statement.
+    setattr(connection, _METER, meter)
     meter._connections.append(connection)
     if not meter.began_ns:
         meter.began_ns = time.time_ns()
@@ -356,51 +389,57 @@ def _listen(engine: Engine) -> None:
 
 def _do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
     """Run and count a statement of a watched connection; leave any other to SQLAlchemy (False)."""
-    meter = _meters.get(context.root_connection)
-    if meter is None or _controls_transaction(statement):
+    meter: Meter | None = getattr(context.root_connection, _METER, None)
+    if meter is None or (statement[:4] in _CONTROL and _controls_transaction(statement)):
         return False
-    meter._run(context.dialect.do_execute, cursor, statement, parameters, context, many=False)
+    started = time.perf_counter()
+    try:
+        context.dialect.do_execute(cursor, statement, parameters, context)
+    except BaseException:
+        meter._statement(statement, started, failed=True)
+        raise
+    meter._statement(statement, started, failed=False)
+    if context.isinsert or context.isupdate or context.isdelete:
+        meter._rows(cursor, parameters, context, many=False)
     return True  # it ran
 
 
 def _do_executemany(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-    meter = _meters.get(context.root_connection)
+    meter: Meter | None = getattr(context.root_connection, _METER, None)
     if meter is None:
         return False
-    meter._run(context.dialect.do_executemany, cursor, statement, parameters, context, many=True)
+    started = time.perf_counter()
+    try:
+        context.dialect.do_executemany(cursor, statement, parameters, context)
+    except BaseException:
+        meter._statement(statement, started, failed=True)
+        raise
+    meter._statement(statement, started, failed=False)
+    if context.isinsert or context.isupdate or context.isdelete:
+        meter._rows(cursor, parameters, context, many=True)
     return True
 
 
 def _do_execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
-    meter = _meters.get(context.root_connection)
-    if meter is None or _controls_transaction(statement):
+    meter: Meter | None = getattr(context.root_connection, _METER, None)
+    if meter is None or (statement[:4] in _CONTROL and _controls_transaction(statement)):
         return False
     started = time.perf_counter()
     try:
         context.dialect.do_execute_no_params(cursor, statement, context)
     except BaseException:
-        meter._statement(statement, None, started, 0, failed=True)
+        meter._statement(statement, started, failed=True)
         raise
-    meter._statement(statement, context, started, _rows(cursor, None, context, False), failed=False)
+    meter._statement(statement, started, failed=False)
+    if context.isinsert or context.isupdate or context.isdelete:
+        meter._rows(cursor, None, context, many=False)
     return True
 
 
 def _controls_transaction(statement: str) -> bool:
-    """True for SAVEPOINT, RELEASE, ROLLBACK TO, and BEGIN/COMMIT sent as SQL (SQLite recipes)."""
-    head = statement[:4].upper()
-    return head in _CONTROL and statement.lstrip().split(None, 1)[0].upper() in _CONTROL_WORDS
+    """True for SAVEPOINT, RELEASE, ROLLBACK TO, and BEGIN or COMMIT sent as SQL (SQLite's recipe), in capitals."""
+    return statement.split(None, 1)[0] in _CONTROL_WORDS
 
 
 _CONTROL = frozenset(("SAVE", "RELE", "ROLL", "BEGI", "COMM"))
 _CONTROL_WORDS = frozenset(("SAVEPOINT", "RELEASE", "ROLLBACK", "BEGIN", "COMMIT"))
-
-
-def _rows(cursor: Any, parameters: Any, context: Any, many: bool) -> int:
-    """Rows an INSERT, UPDATE or DELETE affected: the driver's count, else one per parameter set."""
-    if not (context.isinsert or context.isupdate or context.isdelete):
-        return 0
-    count: int = cursor.rowcount
-    if count > 0 or (count == 0 and not context.isinsert):
-        return count
-    # An INSERT ... RETURNING whose rows are not fetched yet, or an executemany the driver does not count.
-    return len(parameters) if many else 1

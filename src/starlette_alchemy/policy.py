@@ -62,21 +62,24 @@ class Policy:
     retry: bool | None = None
     primary: bool = False
     max_queries: int | None = None
-    # characteristics() on PostgreSQL and elsewhere, computed once: each request's session reads them.
+    # characteristics() on PostgreSQL, with psycopg and elsewhere, computed once: each request's session reads them.
     _on_postgresql: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+    _on_psycopg: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
     _elsewhere: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_on_postgresql", self.characteristics("postgresql") or None)
+        object.__setattr__(self, "_on_psycopg", self.characteristics("postgresql", "psycopg") or None)
         object.__setattr__(self, "_elsewhere", self.characteristics("") or None)
 
-    def characteristics(self, dialect: str) -> dict[str, Any]:
+    def characteristics(self, dialect: str, driver: str = "") -> dict[str, Any]:
         """The execution options the connection needs before BEGIN; SQLAlchemy resets them at check-in."""
         options: dict[str, Any] = {}
         if self.isolation_level is not None:
             options["isolation_level"] = self.isolation_level
-        if self.read_only and dialect == "postgresql":
-            # psycopg and asyncpg put it in the BEGIN itself ("BEGIN READ ONLY"): no round trip of its own.
+        if self.read_only and dialect == "postgresql" and driver != "psycopg":
+            # asyncpg puts it in the BEGIN itself ("BEGIN READ ONLY"): no round trip of its own.
+            # psycopg does too, but is set directly, for a fifth of the cost (sessions.py: _begin_read_only()).
             options["postgresql_readonly"] = True
         return options
 
@@ -206,7 +209,15 @@ def characteristics_for(bind: object, policy: Policy) -> dict[str, Any] | None:
     if not isinstance(bind, Engine | AsyncEngine):
         return None
     # Shared by every session of the policy's routes: nothing may change it.
-    return policy._on_postgresql if bind.dialect.name == "postgresql" else policy._elsewhere
+    dialect = bind.dialect
+    if dialect.name != "postgresql":
+        return policy._elsewhere
+    return policy._on_psycopg if dialect.driver == "psycopg" else policy._on_postgresql
+
+
+def read_only_at_begin(bind: object, policy: Policy) -> bool:
+    """True if a session bound to *bind* sets psycopg's ``read_only`` itself at each BEGIN (sessions.py)."""
+    return policy.read_only and isinstance(bind, Engine | AsyncEngine) and bind.dialect.driver == "psycopg"
 
 
 # -- at BEGIN: transaction-local state, then the on_begin hooks --------------------------------------

@@ -17,7 +17,7 @@ from sqlalchemy.util import ScopedRegistry
 from .exceptions import NoActiveScopeError, TrackingDisabledError
 from .lifecycle import _HOOKS_KEY, _TRACKER_KEY, Collector, Hooks
 from .observe import Meter, Observer, ScopeStats
-from .policy import BeginHook, Policy, characteristics_for, route_policy
+from .policy import BeginHook, Policy, characteristics_for, read_only_at_begin, route_policy
 from .sessions import _ENDED, _STATE_KEY
 
 __all__ = ["ContextVarRegistry", "ScopeState", "route_name"]
@@ -49,6 +49,7 @@ class ScopeState(Generic[_T]):
         "policy",
         "raw_sql",
         "read_only",
+        "read_only_at_begin",
         "sealed",
         "session",
         "wrote",
@@ -79,6 +80,8 @@ class ScopeState(Generic[_T]):
         # and the (root) transaction that last acquired its connection: those options are set by then.
         self.characteristics: dict[str, Any] | None = None
         self.began: object = None
+        # psycopg: the session sets the connection's read_only itself at BEGIN (cheaper than an execution option).
+        self.read_only_at_begin = False
         # The registry's on_begin hooks, and the scope's own dict for them (db.info), made on first use.
         self.on_begin: list[BeginHook] = on_begin if on_begin is not None else []
         self._info: dict[str, Any] | None = None
@@ -136,7 +139,7 @@ class ScopeState(Generic[_T]):
         self.collector = None
         self.began = None  # a transaction of the session: it would keep the session alive too
         if self.meter is not None:
-            self.meter.finish()
+            self.meter.finish(self.wrote)
         return ended
 
     def tracker(self) -> Collector:
@@ -188,9 +191,11 @@ class ContextVarRegistry(ScopedRegistry[_T]):
         """Create the scope's session; note what its connections need before BEGIN, as the scope's policy says."""
         policy = state.adopt_route_policy()
         if policy is not None:
-            state.characteristics = characteristics_for(getattr(self.createfunc, "kw", {}).get("bind"), policy)
+            bind = getattr(self.createfunc, "kw", {}).get("bind")
+            state.characteristics = characteristics_for(bind, policy)
+            state.read_only_at_begin = read_only_at_begin(bind, policy)
         if state.observer is not None:
-            state.meter = Meter(state.observer, state.describe(), policy.max_queries if policy is not None else None)
+            state.meter = Meter(state.observer, state, policy.max_queries if policy is not None else None)
         return self.createfunc()
 
     def has(self) -> bool:

@@ -12,20 +12,13 @@ from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_scoped_session, async_sessionmaker
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
+from .ending import aclose_or_discard, acommit_or_discard, close_or_discard, commit_or_discard, log_errors
 from .exceptions import TrackingDisabledError
 from .lifecycle import AfterCommitHook, BeforeCommitHook, Callback, Collector, Hooks
 from .observe import NPlusOne, Observer, ScopeStats
 from .policy import BeginHook, ScopeOptions, scope_policy
 from .registry import _UNTRACKED, ContextVarRegistry, ScopeState
-from .sessions import (
-    aclose_or_discard,
-    acommit_or_discard,
-    async_factory,
-    close_or_discard,
-    commit_or_discard,
-    log_errors,
-    sync_factory,
-)
+from .sessions import async_factory, sync_factory
 from .shield import run_to_completion
 
 if TYPE_CHECKING:

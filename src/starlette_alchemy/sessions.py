@@ -9,22 +9,19 @@ is found in ``session.info``; sessions made anywhere else are untouched.
 
 from __future__ import annotations
 
-import logging
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from functools import partial
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, event
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, sessionmaker
 
+from .ending import _owns
 from .exceptions import NoActiveScopeError, ReadOnlyTransactionError, SessionSealedError
 from .lifecycle import _TrackedSession
 from .observe import Meter, watch
 from .policy import BeginScope, begin, warn_once
-
-logger = logging.getLogger("starlette_alchemy")
 
 # Where a session created by a registry keeps the ScopeState that owns it.
 _STATE_KEY = "starlette_alchemy.scope"
@@ -34,6 +31,7 @@ class _Scope(BeginScope, Protocol):
     """What the guards read and write of the ``ScopeState`` (registry.py) that owns a session."""
 
     characteristics: dict[str, Any] | None
+    read_only_at_begin: bool
     began: object
     sealed: bool
     ended: bool
@@ -252,6 +250,8 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
         watch(connection, state.meter)  # first: what on_begin hooks run counts too
     # A SAVEPOINT is not a new transaction: what BEGIN set up still holds in it.
     if not transaction.nested:
+        if state.read_only_at_begin:
+            _begin_read_only(connection)  # first: psycopg sends BEGIN with the first statement, hooks' too
         if state.characteristics is not None:
             state.began = transaction
         if state.on_begin or (state.policy is not None and state.policy.statement_timeout is not None):
@@ -264,6 +264,21 @@ def _transaction_ended(session: Session, transaction: SessionTransaction) -> Non
         state: _Scope | None = session.info.get(_STATE_KEY)
         if state is not None and state.meter is not None:
             state.meter.transaction_ended(wrote=state.wrote)
+
+
+def _begin_read_only(connection: Connection) -> None:
+    """Make the transaction psycopg is about to begin ``READ ONLY``; undo it when the connection is checked in."""
+    dialect = connection.dialect
+    fairy = connection.connection
+    dialect.set_readonly(fairy.dbapi_connection, True)  # type: ignore[attr-defined]
+    # What SQLAlchemy's 'postgresql_readonly' option does, less its generic execution-option machinery (which
+    # cost 6% of a read): a callback run at check-in, after the reset-on-return; skipped if invalidated.
+    fairy._connection_record.finalize_callback.append(partial(_no_read_only, dialect))
+
+
+def _no_read_only(dialect: Any, dbapi_connection: Any) -> None:
+    # None, psycopg's default, rather than False: the next transaction begins with a plain BEGIN.
+    dialect.set_readonly(dbapi_connection, None)
 
 
 _scope_classes: dict[tuple[type[Session], type[Session]], type[Session]] = {}
@@ -329,87 +344,3 @@ def async_factory(bind: AsyncEngine | async_sessionmaker[Any], track_changes: bo
     sync_class = bind.kw.get("sync_session_class", bind.class_.sync_session_class)
     sync_class = _scope_class(sync_class, _base(track_changes))
     return async_sessionmaker(class_=bind.class_, **{**bind.kw, "sync_session_class": sync_class})
-
-
-# -- ending a session whatever happens -----------------------------------------------------
-
-
-def commit_or_discard(session: Session) -> None:
-    """COMMIT; if it fails, invalidate the connection before re-raising.
-
-    After a failed COMMIT the connection's transaction state is unknown (pysqlite,
-    for one, keeps the failed transaction open), so it must never go back to the pool.
-    """
-    try:
-        session.commit()
-    except Exception:
-        if _owns(session):
-            with log_errors("discarding the connection after a failed COMMIT"):
-                session.invalidate()
-        raise
-
-
-async def acommit_or_discard(session: AsyncSession) -> None:
-    """COMMIT; if it fails, invalidate the connection before re-raising."""
-    try:
-        await session.commit()
-    except Exception:
-        if _owns(session.sync_session):
-            with log_errors("discarding the connection after a failed COMMIT"):
-                await session.invalidate()
-        raise
-
-
-def close_or_discard(session: Session) -> None:
-    """Close *session*; if that fails, invalidate its connections, so each goes back to the pool, and re-raise.
-
-    Closing fails when the session is in a state it cannot leave, such as
-    after two tasks used one ``AsyncSession`` at once; its connections are then
-    reached below the session, whose own ``invalidate()`` would fail the same way.
-    """
-    try:
-        session.close()
-    except Exception:
-        discard_connections(session)
-        raise
-
-
-async def aclose_or_discard(session: AsyncSession) -> None:
-    """Like ``close_or_discard()``, for an ``AsyncSession``."""
-    try:
-        await session.close()
-    except Exception:
-        await session.run_sync(discard_connections)
-        raise
-
-
-def discard_connections(session: Session) -> None:
-    """Invalidate the connections of *session*'s transaction that it checked out itself."""
-    if not _owns(session):
-        return
-    transaction = session.get_transaction()
-    # The session's own bookkeeping; no public accessor reaches it when the session is stuck.
-    connections = {entry[0] for entry in getattr(transaction, "_connections", {}).values()}
-    for connection in connections:
-        with log_errors("invalidating a connection of a session that could not be closed"):
-            connection.invalidate()
-    if connections:
-        logger.warning("%d connection(s) of a session that could not be closed were invalidated.", len(connections))
-
-
-def _owns(session: Session) -> bool:
-    """False if *session* is bound to a ``Connection`` that its caller opened and must discard or keep itself.
-
-    Such a session (``testing.rolled_back()`` makes them) only joined the
-    connection's transaction, so closing it afterwards rolls back what it did.
-    """
-    return not isinstance(session.bind, Connection)
-
-
-@contextmanager
-def log_errors(doing: str) -> Iterator[None]:
-    """Log and swallow an ``Exception`` so that it cannot mask the one in flight."""
-    try:
-        yield
-    except Exception:
-        logger.exception("Error while %s; the original error is re-raised.", doing)

@@ -21,11 +21,11 @@ import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from .ending import aclose_or_discard, acommit_or_discard, close_or_discard, commit_or_discard
 from .exceptions import CommitFailedError
 from .lifecycle import Collector
 from .registry import ScopeState, _sync
 from .scoped import AsyncScopedSession, ScopedSession
-from .sessions import aclose_or_discard, acommit_or_discard, close_or_discard, commit_or_discard
 from .shield import run_to_completion
 
 __all__ = ["Opened", "commit_or_roll_back", "end", "forget", "open_scopes", "run_after_commit", "seal"]
