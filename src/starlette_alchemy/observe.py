@@ -387,53 +387,39 @@ def _listen(engine: Engine) -> None:
         _engines.add(engine)
 
 
-def _do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-    """Run and count a statement of a watched connection; leave any other to SQLAlchemy (False)."""
-    meter: Meter | None = getattr(context.root_connection, _METER, None)
-    if meter is None or (statement[:4] in _CONTROL and _controls_transaction(statement)):
-        return False
-    started = time.perf_counter()
-    try:
-        context.dialect.do_execute(cursor, statement, parameters, context)
-    except BaseException:
-        meter._statement(statement, started, failed=True)
-        raise
-    meter._statement(statement, started, failed=False)
-    if context.isinsert or context.isupdate or context.isdelete:
-        meter._rows(cursor, parameters, context, many=False)
-    return True  # it ran
+def _counting(method: str, many: bool = False) -> Callable[..., bool]:
+    """A dialect execute listener: it runs (with the dialect's *method*) and counts a watched connection's statement."""
+
+    def listener(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        meter: Meter | None = getattr(context.root_connection, _METER, None)
+        if meter is None or (statement[:4] in _CONTROL and _controls_transaction(statement)):
+            return False  # SQLAlchemy runs it, uncounted
+        run = getattr(context.dialect, method)
+        started = time.perf_counter()
+        try:
+            if parameters is _NO_PARAMETERS:
+                run(cursor, statement, context)
+            else:
+                run(cursor, statement, parameters, context)
+        except BaseException:
+            meter._statement(statement, started, failed=True)
+            raise
+        meter._statement(statement, started, failed=False)
+        if context.isinsert or context.isupdate or context.isdelete:
+            meter._rows(cursor, parameters, context, many)
+        return True  # it ran
+
+    return listener
 
 
-def _do_executemany(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-    meter: Meter | None = getattr(context.root_connection, _METER, None)
-    if meter is None:
-        return False
-    started = time.perf_counter()
-    try:
-        context.dialect.do_executemany(cursor, statement, parameters, context)
-    except BaseException:
-        meter._statement(statement, started, failed=True)
-        raise
-    meter._statement(statement, started, failed=False)
-    if context.isinsert or context.isupdate or context.isdelete:
-        meter._rows(cursor, parameters, context, many=True)
-    return True
+_NO_PARAMETERS = object()
+_do_execute = _counting("do_execute")
+_do_executemany = _counting("do_executemany", many=True)
+_do_execute_with_no_parameters = _counting("do_execute_no_params")
 
 
 def _do_execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
-    meter: Meter | None = getattr(context.root_connection, _METER, None)
-    if meter is None or (statement[:4] in _CONTROL and _controls_transaction(statement)):
-        return False
-    started = time.perf_counter()
-    try:
-        context.dialect.do_execute_no_params(cursor, statement, context)
-    except BaseException:
-        meter._statement(statement, started, failed=True)
-        raise
-    meter._statement(statement, started, failed=False)
-    if context.isinsert or context.isupdate or context.isdelete:
-        meter._rows(cursor, None, context, many=False)
-    return True
+    return _do_execute_with_no_parameters(cursor, statement, _NO_PARAMETERS, context)
 
 
 def _controls_transaction(statement: str) -> bool:
