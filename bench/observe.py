@@ -1,15 +1,18 @@
 """What query statistics and the OpenTelemetry span cost, as ratios measured in the same run.
 
 Run ``make bench-observe`` (``BENCH_ARGS=--quick`` for a smoke run). For each
-database, the same app is timed, in process, in interleaved rounds, as:
+database, the same app is timed, in process, in interleaved rounds, built
+afresh for each round, as:
 
 - ``off``: a registry created with ``stats=False``;
 - ``on``: the default, statistics on; OpenTelemetry installed, no tracer provider set;
 - ``no-otel``: statistics on, as if OpenTelemetry were not installed;
-- ``sdk``: statistics on, with an SDK tracer provider, a batch span processor and an exporter that drops spans.
+- ``sdk``: statistics on, with an SDK tracer provider, a batch span processor and an exporter that drops spans;
+- ``on-again``: ``on`` again, another instance.
 
 Targets: ``on`` within 3% of ``off`` on w1 (a read) and w2 (an insert);
-``on`` within 1% of ``no-otel``; ``sdk`` against ``on`` is reported.
+``on`` within 1% of ``no-otel``; ``sdk`` against ``on`` is reported, and so is
+``on-again`` (another instance of ``on``) against ``on``: the noise floor.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import gc
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +51,12 @@ class _DropSpans(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-def app(kind: str, url: str, *, stats: bool) -> ASGIApp:
-    """w1 reads a row by primary key, w2 inserts one; the middleware commits."""
+def app(kind: str, url: str, engines: list[Any], *, stats: bool) -> ASGIApp:
+    """w1 reads a row by primary key, w2 inserts one; the middleware commits. Its engine goes in *engines*."""
     if kind == "async":
-        adb = AsyncScopedSession(create_async_engine(url), stats=stats)
+        async_engine = create_async_engine(url)
+        engines.append(async_engine)
+        adb = AsyncScopedSession(async_engine, stats=stats)
 
         async def w1(request: Request) -> Response:
             await adb.get(Row, 1)
@@ -64,7 +69,9 @@ def app(kind: str, url: str, *, stats: bool) -> ASGIApp:
         routes: dict[str, Any] = {"w1": w1, "w2": w2}
         db: Any = adb
     else:
-        db = ScopedSession(sa.create_engine(url), stats=stats)
+        engine = sa.create_engine(url)
+        engines.append(engine)
+        db = ScopedSession(engine, stats=stats)
 
         def w1_sync(request: Request) -> Response:
             db.get(Row, 1)
@@ -95,29 +102,44 @@ class Setting:
 
 
 TARGETS = [
+    Target("w1: on / on, another instance (A/A: the noise floor)", "w1", "on-again", "on", None),
     Target("w1 (a read): statistics on / off, throughput", "w1", "on", "off", 0.97),
     Target("w1: OpenTelemetry installed, no provider / not installed", "w1", "on", "no-otel", 0.99),
     Target("w1: SDK provider, spans dropped / no provider (reference)", "w1", "sdk", "on", None),
+    Target("w2: on / on, another instance (A/A: the noise floor)", "w2", "on-again", "on", None),
     Target("w2 (an insert): statistics on / off, throughput", "w2", "on", "off", 0.97),
     Target("w2: OpenTelemetry installed, no provider / not installed", "w2", "on", "no-otel", 0.99),
     Target("w2: SDK provider, spans dropped / no provider (reference)", "w2", "sdk", "on", None),
 ]
 
+Build = Callable[[list[Any]], dict[str, ASGIApp]]
 
-async def measure(apps: dict[str, ASGIApp], rounds: int, count: int) -> list[Figure]:
-    """Per workload, every variant in each round, in an order that turns each round: targets share the times."""
-    rows = []
-    for workload in ("w1", "w2"):
-        path, names = f"/{workload}", list(apps)
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for name in names:
-            await timed(apps[name], path, max(count // 10, 10), 1)  # warm up
-        for round_ in range(rounds):
-            turned = names[round_ % len(names) :] + names[: round_ % len(names)]
-            for name in turned if round_ % 2 == 0 else reversed(turned):
-                times[name].append(await timed(apps[name], path, count, 1))
-        rows += [target.judge(times) for target in TARGETS if target.workload == workload]
-    return rows
+
+async def measure(build: Build, rounds: int, count: int) -> list[Figure]:
+    """Every variant in each round, in an order that turns each round, on apps built afresh for the round.
+
+    Fresh apps (engines, pools, registries) each round: two instances of one
+    app differ by a few percent for reasons of their own, which would
+    otherwise stay with one variant for the whole run.
+    """
+    times: dict[str, dict[str, list[float]]] = {"w1": {}, "w2": {}}
+    for round_ in range(rounds):
+        engines: list[Any] = []
+        apps = build(engines)
+        names = list(apps)
+        turned = names[round_ % len(names) :] + names[: round_ % len(names)]
+        order = turned if round_ % 2 == 0 else list(reversed(turned))
+        for workload, by_name in times.items():
+            path = f"/{workload}"
+            for name in order:
+                await timed(apps[name], path, max(count // 5, 10), 1)  # warm up: pool, caches
+            for name in order:
+                by_name.setdefault(name, []).append(await timed(apps[name], path, count, 1))
+        for engine in engines:
+            result = engine.dispose()
+            if result is not None:
+                await result
+    return [target.judge(times[target.workload]) for target in TARGETS]
 
 
 async def main(rounds: int, count: int, only: str) -> int:
@@ -131,16 +153,19 @@ async def main(rounds: int, count: int, only: str) -> int:
             if only not in label:
                 continue
             recreate(url)
-            # One app for the three that differ only in OpenTelemetry: two instances of one app, on one
-            # database, differed by up to 5% in our runs (async SQLite), more than what is measured here.
-            on = app(kind, url, stats=True)
-            apps: dict[str, ASGIApp] = {
-                "off": Setting(app(kind, url, stats=False), installed, None),
-                "on": Setting(on, installed, None),
-                "no-otel": Setting(on, None, None),
-                "sdk": Setting(on, installed, provider),
-            }
-            rows = await measure(apps, rounds, count)
+
+            def build(engines: list[Any], kind: str = kind, url: str = url) -> dict[str, ASGIApp]:
+                # One app for the three that differ only in OpenTelemetry's state: nothing else differs.
+                on = app(kind, url, engines, stats=True)
+                return {
+                    "off": Setting(app(kind, url, engines, stats=False), installed, None),
+                    "on": Setting(on, installed, None),
+                    "on-again": Setting(app(kind, url, engines, stats=True), installed, None),
+                    "no-otel": Setting(on, None, None),
+                    "sdk": Setting(on, installed, provider),
+                }
+
+            rows = await measure(build, rounds, count)
             missed += report(f"{label}, in process, sequential ({rounds} rounds x {count} requests)", rows, TARGETS)
     provider.shutdown()
     print(f"\n{time.monotonic() - started:.0f} s; {'all targets met' if not missed else f'{missed} MISSED'}")
