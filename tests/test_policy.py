@@ -268,6 +268,33 @@ async def test_isolation_level_and_timeout_do_not_outlive_the_transaction(
     assert answers[1] == answers[3] == [backend_id, default_level, *extra[1]]
 
 
+@pytest.mark.parametrize("backend", POSTGRESQL, ids=lambda b: b.id)
+async def test_read_only_alone_does_not_outlive_the_transaction(one_connection: AnyDB) -> None:
+    # With psycopg, read_only alone is set on the DBAPI connection at BEGIN, with no execution option,
+    # and undone at check-in: the same backend must begin read-write again, hooks included.
+    db = one_connection
+    begun: list[str] = []
+
+    @db.on_begin
+    def note(connection: Connection, info: dict[str, Any]) -> None:
+        begun.append(connection.exec_driver_sql("SELECT current_setting('transaction_read_only')").scalar_one())
+
+    async def settings(request: Request) -> Response:
+        query = "SELECT pg_backend_pid(), current_setting('transaction_read_only')"
+        return JSONResponse(list((await run(db.execute, sa.text(query))).one()))
+
+    @transaction(read_only=True)
+    async def read(request: Request) -> Response:
+        return await settings(request)
+
+    app = app_with(db, Route("/read", read), Route("/plain", settings))
+    async with http_client(app, "asgi") as client:
+        answers = [(await client.get(path)).json() for path in ("/read", "/plain", "/read", "/plain")]
+    pid = answers[0][0]
+    assert answers == [[pid, "on"], [pid, "off"], [pid, "on"], [pid, "off"]]
+    assert begun == ["on", "off", "on", "off"]  # the hooks run inside the transaction as it began
+
+
 @pytest.mark.parametrize("backend", NOT_POSTGRESQL, ids=lambda b: b.id)
 async def test_statement_timeout_is_ignored_with_one_warning_where_it_cannot_be_local(
     backend: Backend, db: AnyDB, caplog: pytest.LogCaptureFixture
