@@ -43,7 +43,7 @@ from bench.driver import databases
 from bench.models import Row, recreate
 from bench.policy import report
 from bench.requests import Figure, Target, ok, timed
-from starlette_alchemy import AsyncScopedSession, DBSessionMiddleware, ScopedSession, observe
+from starlette_alchemy import AsyncScopedSession, DBSessionMiddleware, ScopedSession, spans
 
 
 class _DropSpans(SpanExporter):
@@ -96,7 +96,7 @@ class Setting:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Every variant pays for this wrapper alike; only what it sets differs.
-        observe._trace = self.otel
+        spans._trace = self.otel
         trace._TRACER_PROVIDER = self.provider  # None: no provider set (the proxy)
         await self.app(scope, receive, send)
 
@@ -144,7 +144,7 @@ async def measure(build: Build, rounds: int, count: int) -> list[Figure]:
 
 async def main(rounds: int, count: int, only: str) -> int:
     started, missed = time.monotonic(), 0
-    installed = observe._trace
+    installed = spans._trace
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(_DropSpans()))
     gc.freeze()

@@ -13,7 +13,6 @@ installed and a tracer provider is set.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -26,14 +25,7 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.orm import ORMExecuteState
 
 from .exceptions import NPlusOneError
-
-try:
-    from opentelemetry import trace as _opentelemetry_trace
-except ImportError:  # the 'otel' extra is not installed: no spans
-    _opentelemetry_trace = None  # type: ignore[assignment]
-
-# OpenTelemetry's trace API, or None; a variable, so the benchmarks can compare it absent and present.
-_trace: Any = _opentelemetry_trace
+from .spans import record_span
 
 __all__ = ["Observer", "ScopeStats"]
 
@@ -267,65 +259,9 @@ class Meter:
         """
         if self._connections:
             self.transaction_ended(wrote)
-        if _trace is not None and self.began_ns:
-            provider = _provider()
-            if provider is not None:
-                _record_span(provider, self)
+        if self.began_ns:
+            record_span(self)
         self._scope = None  # the scope holds the meter: no cycle outlives it
-
-
-def _record_span(provider: Any, meter: Meter) -> None:
-    """Record the scope's span after the fact, from its first BEGIN to its last transaction's end."""
-    attributes: dict[str, Any] = {
-        "db.system.name": meter.system or "other_sql",
-        "db.transaction.outcome": meter.outcome or "rollback",
-        "db.transaction.queries": meter.queries,
-        "db.transaction.rows.inserted": meter.inserted,
-        "db.transaction.rows.updated": meter.updated,
-        "db.transaction.rows.deleted": meter.deleted,
-    }
-    route = _route_template(meter.route)
-    if route is not None:
-        attributes["http.route"] = route
-    else:
-        attributes["db.transaction.scope"] = meter.route
-    tracer = _tracer(provider)
-    span = tracer.start_span("db.transaction", start_time=meter.began_ns, attributes=attributes)
-    if meter.outcome == "commit_failed":
-        span.set_status(_trace.StatusCode.ERROR, "COMMIT failed")
-    span.end(end_time=meter.ended_ns or time.time_ns())
-
-
-_tracers: tuple[Any, Any] | None = None
-_PROVIDER_FROM_ENVIRONMENT = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
-_UNKNOWN = object()
-
-
-def _provider() -> Any:
-    """The global tracer provider, or ``None`` if none is set: then no span is made, at no cost."""
-    # OpenTelemetry's own global, read directly: its getter looks the environment up at every call.
-    provider = getattr(_trace, "_TRACER_PROVIDER", _UNKNOWN)
-    if provider is _UNKNOWN or (provider is None and _PROVIDER_FROM_ENVIRONMENT):
-        provider = _trace.get_tracer_provider()
-    if provider is None or isinstance(provider, _trace.ProxyTracerProvider | _trace.NoOpTracerProvider):
-        return None
-    return provider
-
-
-def _tracer(provider: Any) -> Any:
-    """The package's tracer from *provider*, made once per provider (the SDK makes a new one per call)."""
-    global _tracers
-    cached = _tracers
-    if cached is None or cached[0] is not provider:
-        cached = _tracers = (provider, provider.get_tracer("starlette_alchemy"))
-    return cached[1]
-
-
-def _route_template(route: str) -> str | None:
-    """The path template of a request's route name ("'GET /items/{id}'"), or ``None`` for ``db.scope()``."""
-    if route.startswith("'db.scope()'") or " " not in route:
-        return None
-    return route.strip("'").split(" ", 1)[1]
 
 
 def server_timing(meters: list[Meter | None]) -> bytes | None:
