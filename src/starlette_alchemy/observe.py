@@ -25,6 +25,7 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.orm import ORMExecuteState
 
 from .exceptions import NPlusOneError
+from .policy import warn_once
 from .spans import record_span
 
 __all__ = ["Observer", "ScopeStats"]
@@ -62,23 +63,17 @@ class Described(Protocol):
 class Observer:
     """A registry's statistics settings, and the N+1 warnings it already gave."""
 
-    __slots__ = ("_warned", "engines", "n_plus_one", "raises", "slow_query")
+    __slots__ = ("engines", "n_plus_one", "raises", "slow_query", "warned")
 
     def __init__(self, *, n_plus_one: NPlusOne = _N_PLUS_ONE, slow_query: float | None = None) -> None:
         _check_settings(n_plus_one, slow_query)
         self.raises = n_plus_one == "raise"
         self.n_plus_one: int | None = _N_PLUS_ONE if n_plus_one == "raise" else n_plus_one
         self.slow_query = slow_query
-        self._warned: set[tuple[str, str]] = set()
+        # The (route, relationship) pairs already warned of: N+1 warnings are once per registry.
+        self.warned: set[tuple[str, str]] = set()
         # The engines whose statements this registry's sessions count (see _listen()).
         self.engines: set[Engine] = set()
-
-    def warn_once(self, route: str, relationship: str, message: str, *args: Any) -> None:
-        """Log *message* the first time *route* lazy-loads *relationship* too often (per registry, bounded)."""
-        key = (route, relationship)
-        if key not in self._warned and len(self._warned) < 1000:
-            self._warned.add(key)
-            logger.warning(message, *args)
 
 
 def _check_settings(n_plus_one: object, slow_query: object) -> None:
@@ -166,14 +161,14 @@ class Meter:
         if self.observer.raises:
             raise NPlusOneError(f"{self.route} lazy-loaded {relationship} {count} times, one query each (N+1); {fix}.")
         if count == self.observer.n_plus_one:
-            self.observer.warn_once(
+            warn_once(
                 self.route,
                 relationship,
                 "%s lazy-loaded %s %d times, one query each (N+1); %s.",
-                self.route,
                 relationship,
                 count,
                 fix,
+                seen=self.observer.warned,
             )
 
     def transaction_ended(self, wrote: bool) -> None:
@@ -195,10 +190,7 @@ class Meter:
 
     def committed(self, ok: bool) -> None:
         """The session's ``commit()`` returned (*ok*) or raised."""
-        mark = self._commit_mark
-        if mark:  # not counted yet, by a snapshot taken in an after-commit listener
-            self.seconds += time.perf_counter() - max(mark, self._last_end)
-            self._commit_mark = 0.0
+        self.stop_commit_clock()  # unless a snapshot taken in an after-commit listener did
         self.outcome = "commit" if ok else "commit_failed"
 
     def stop_commit_clock(self) -> None:

@@ -263,9 +263,10 @@ def _set_statement_timeout(connection: Connection, seconds: float, scope: BeginS
 _warned: set[tuple[str, str]] = set()
 
 
-def warn_once(route: str, about: str, message: str, *args: Any) -> None:
-    """Log *message* at WARNING the first time *route* meets *about* in this process (bounded)."""
+def warn_once(route: str, about: str, message: str, *args: Any, seen: set[tuple[str, str]] | None = None) -> None:
+    """Log *message* at WARNING the first time *route* meets *about* in this process, or in *seen* (bounded)."""
+    warned = _warned if seen is None else seen
     key = (route, about)
-    if key not in _warned and len(_warned) < 1000:
-        _warned.add(key)
+    if key not in warned and len(warned) < 1000:
+        warned.add(key)
         logger.warning(message, route, *args)
