@@ -35,7 +35,17 @@ from starlette_alchemy.policy import IsolationLevel, Policy, route_policy
 from starlette_alchemy.sessions import _ScopeSession
 from tests.conftest import BACKENDS, Backend, checked_out, engine_for
 from tests.models import Item
-from tests.support import AnyDB, committed_names, http_client, resolve, run, scope
+from tests.support import (
+    AnyDB,
+    OuterTimeout,
+    committed_names,
+    delay_commit,
+    http_client,
+    resolve,
+    run,
+    scope,
+    slow_commits,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -293,6 +303,38 @@ async def test_read_only_alone_does_not_outlive_the_transaction(one_connection: 
     pid = answers[0][0]
     assert answers == [[pid, "on"], [pid, "off"], [pid, "on"], [pid, "off"]]
     assert begun == ["on", "off", "on", "off"]  # the hooks run inside the transaction as it began
+
+
+@pytest.mark.parametrize("backend", POSTGRESQL, ids=lambda b: b.id)
+async def test_a_read_only_request_cancelled_mid_commit_leaves_its_connection_writable(
+    backend: Backend, tmp_path: Path, inspection_engine: Engine
+) -> None:
+    # psycopg's read_only is undone at check-in: a COMMIT that a timeout interrupts must still get there.
+    async with engine_for(backend, tmp_path, pool_size=1, max_overflow=0) as engine:
+        db: AnyDB = AsyncScopedSession(engine) if isinstance(engine, AsyncEngine) else ScopedSession(engine)
+        read_by: list[int] = []
+        query = "SELECT pg_backend_pid(), current_setting('transaction_read_only')"
+
+        @transaction(read_only=True)
+        async def read(request: Request) -> Response:
+            pid, setting = (await run(db.execute, sa.text(query))).one()
+            assert setting == "on"
+            read_by.append(pid)
+            await delay_commit(db, 1.0)
+            return PlainTextResponse("read")
+
+        async def write(request: Request) -> Response:
+            db.add(Item(name="written after"))
+            return JSONResponse(list((await run(db.execute, sa.text(query))).one()), status_code=201)
+
+        app = app_with(db, Route("/read", read), Route("/write", write, methods=["POST"]))
+        with slow_commits(engine):
+            async with http_client(OuterTimeout(app, seconds=0.2, kind="asyncio"), "asgi") as client:
+                cancelled = await client.get("/read")
+                written = await client.post("/write")
+    assert cancelled.status_code == 504
+    assert (written.status_code, written.json()) == (201, [read_by[0], "off"])  # the same backend, read-write
+    assert committed_names(inspection_engine) == {"written after"}
 
 
 @pytest.mark.parametrize("backend", NOT_POSTGRESQL, ids=lambda b: b.id)
