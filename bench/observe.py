@@ -26,7 +26,7 @@ import gc
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -45,7 +45,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from bench.driver import databases
 from bench.models import Row, recreate
 from bench.policy import report
-from bench.requests import Figure, Target, ok, timed
+from bench.requests import Build, Figure, Target, in_turns, ok, on_shared_pool
 from starlette_alchemy import AsyncScopedSession, DBSessionMiddleware, ScopedSession, spans
 
 
@@ -61,7 +61,7 @@ def app(kind: str, url: str, engines: list[Any], *, stats: bool) -> ASGIApp:
     the variants of a round run on the same connections (the same server
     process), while each engine keeps its own dialect and so its own events.
     """
-    shared = {"pool": _pool(engines[0])} if engines else {}
+    shared = on_shared_pool(engines)
     if kind == "async":
         async_engine = create_async_engine(url, **shared)
         engines.append(async_engine)
@@ -97,10 +97,6 @@ def app(kind: str, url: str, engines: list[Any], *, stats: bool) -> ASGIApp:
     )
 
 
-def _pool(engine: Any) -> sa.Pool:
-    return engine.pool if isinstance(engine, sa.Engine) else engine.sync_engine.pool
-
-
 class Setting:
     """Put the process's OpenTelemetry state as a variant needs it, around each of its requests."""
 
@@ -127,44 +123,14 @@ TARGETS = [
     Target("w2: SDK provider, spans dropped / no provider (reference)", "w2", "sdk", "on", None),
 ]
 
-Build = Callable[[list[Any]], dict[str, ASGIApp]]
-
 
 async def measure(build: Build, rounds: int, count: int) -> list[Figure]:
-    """Every variant in each round, on apps built afresh for the round, in slices that take turns.
-
-    Fresh apps (engines, registries, one pool shared by all) each round: two
-    instances of one app differ by a few percent for reasons of their own,
-    which would otherwise stay with one variant for the whole run. Within a
-    round, the variants take turns every ``_SLICE`` requests, in an order
-    that turns each time, so what drifts meanwhile (the machine, the SQLite
-    file, the server) falls on all of them alike.
-    """
-    times: dict[str, dict[str, list[float]]] = {"w1": {}, "w2": {}}
-    slices = max(count // _SLICE, 1)
-    for _ in range(rounds):
-        engines: list[Any] = []
-        apps = build(engines)
-        names = list(apps)
-        for workload, by_name in times.items():
-            path = f"/{workload}"
-            for name in names:
-                await timed(apps[name], path, max(count // 5, 10), 1)  # warm up: pool, caches
-            spent = dict.fromkeys(names, 0.0)
-            for turn in range(slices):
-                turned = names[turn % len(names) :] + names[: turn % len(names)]
-                for name in turned if turn % 2 == 0 else reversed(turned):
-                    spent[name] += await timed(apps[name], path, _SLICE, 1)
-            for name in names:
-                by_name.setdefault(name, []).append(spent[name] / slices)
-            by_name.setdefault("on-less-span", []).append(by_name["on"][-1] - span_call_seconds())
-        result = engines[0].dispose()  # the pool they share
-        if result is not None:
-            await result
+    """The targets' figures from ``in_turns()``, with ``on`` less the span call's own cost as one more variant."""
+    times = await in_turns(build, ["w1", "w2"], rounds, count)
+    span_call = span_call_seconds()
+    for by_name in times.values():
+        by_name["on-less-span"] = [seconds - span_call for seconds in by_name["on"]]
     return [target.judge(times[target.workload]) for target in TARGETS]
-
-
-_SLICE = 25  # requests a variant serves before the next one's turn
 
 
 def span_call_seconds(calls: int = 100_000) -> float:

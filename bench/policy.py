@@ -1,7 +1,7 @@
 """What per-route transaction policy costs, as ratios measured in the same run.
 
 Run ``make bench-policy`` (``BENCH_ARGS=--quick`` for a smoke run), from a git
-checkout. Two targets, each the median over interleaved rounds, in process:
+checkout. Two targets, each the median over rounds of ``in_turns()``, in process:
 
 - a route with no ``@transaction`` costs what it did before policies existed:
   today's package against the package as it was at ``BASELINE``, which is
@@ -38,7 +38,7 @@ from starlette.types import ASGIApp
 import starlette_alchemy
 from bench.driver import databases
 from bench.models import Row, recreate
-from bench.requests import Figure, Target, ok, timed
+from bench.requests import Build, Figure, Target, in_turns, ok, on_shared_pool
 
 # The last commit before per-route policies: what a route without one must still cost.
 BASELINE = "293b65470a672f1b892c5638f8137c20aef525d8"
@@ -65,12 +65,17 @@ def _git(*args: str) -> str:
         raise SystemExit(message) from exc
 
 
-def app(package: Any, kind: str, url: str, *, read_only: bool = False) -> ASGIApp:
-    """The same routes on *package*'s middleware and registry; ``read_only`` marks the reading one."""
+def app(package: Any, kind: str, url: str, engines: list[Any], *, read_only: bool = False) -> ASGIApp:
+    """The same routes on *package*'s middleware and registry; ``read_only`` marks the reading one.
+
+    Its engine goes in *engines*, on the pool of the first one there.
+    """
     # Query statistics came after the baseline, and have a benchmark of their own (bench/observe.py).
     options = {"stats": False} if package is starlette_alchemy else {}
     if kind == "async":
-        db = package.AsyncScopedSession(create_async_engine(url), **options)
+        async_engine = create_async_engine(url, **on_shared_pool(engines))
+        engines.append(async_engine)
+        db = package.AsyncScopedSession(async_engine, **options)
 
         async def w1(request: Request) -> Response:
             await db.get(Row, 1)
@@ -82,7 +87,9 @@ def app(package: Any, kind: str, url: str, *, read_only: bool = False) -> ASGIAp
 
         routes: dict[str, Any] = {"w1": w1, "w2": w2}
     else:
-        db = package.ScopedSession(sa.create_engine(url), **options)
+        engine = sa.create_engine(url, **on_shared_pool(engines))
+        engines.append(engine)
+        db = package.ScopedSession(engine, **options)
 
         def w1_sync(request: Request) -> Response:
             db.get(Row, 1)
@@ -102,24 +109,17 @@ def app(package: Any, kind: str, url: str, *, read_only: bool = False) -> ASGIAp
 
 
 TARGETS = [
+    Target("w1: today / today, another instance (A/A: the noise floor)", "w1", "today-again", "today", None),
     Target("w1 (a read), no @transaction: today / before policies", "w1", "today", "before", 0.99),
+    Target("w2: today / today, another instance (A/A: the noise floor)", "w2", "today-again", "today", None),
     Target("w2 (a write), no @transaction: today / before policies", "w2", "today", "before", 0.99),
 ]
 POSTGRESQL_TARGETS = [Target("w1 (a read): read_only / not, throughput", "w1", "read-only", "today", 0.95)]
 
 
-async def measure(apps: dict[str, ASGIApp], targets: list[Target], rounds: int, count: int) -> list[Figure]:
-    rows = []
-    for target in targets:
-        path, names = f"/{target.workload}", [target.baseline, target.candidate]
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for name in names:
-            await timed(apps[name], path, max(count // 10, 10), 1)  # warm up
-        for round_ in range(rounds):
-            for name in names if round_ % 2 == 0 else reversed(names):
-                times[name].append(await timed(apps[name], path, count, 1))
-        rows.append(target.judge(times))
-    return rows
+async def measure(build: Build, targets: list[Target], rounds: int, count: int) -> list[Figure]:
+    times = await in_turns(build, ["w1", "w2"], rounds, count)
+    return [target.judge(times[target.workload]) for target in targets]
 
 
 def report(title: str, rows: list[Figure], targets: list[Target]) -> int:
@@ -139,13 +139,20 @@ async def main(rounds: int, count: int, only: str) -> int:
             if only not in label:
                 continue
             recreate(url)
-            apps = {
-                "before": app(before, kind, url),
-                "today": app(starlette_alchemy, kind, url),
-                "read-only": app(starlette_alchemy, kind, url, read_only=True),
-            }
-            targets = TARGETS + (POSTGRESQL_TARGETS if url.startswith("postgresql") else [])
-            rows = await measure(apps, targets, rounds, count)
+            postgresql = url.startswith("postgresql")
+
+            def build(engines: list[Any], kind: str = kind, url: str = url) -> dict[str, ASGIApp]:
+                apps = {
+                    "before": app(before, kind, url, engines),
+                    "today": app(starlette_alchemy, kind, url, engines),
+                    "today-again": app(starlette_alchemy, kind, url, engines),
+                }
+                if url.startswith("postgresql"):
+                    apps["read-only"] = app(starlette_alchemy, kind, url, engines, read_only=True)
+                return apps
+
+            targets = TARGETS + (POSTGRESQL_TARGETS if postgresql else [])
+            rows = await measure(build, targets, rounds, count)
             missed += report(f"{label}, in process, sequential ({rounds} rounds x {count} requests)", rows, targets)
     print(f"\n{time.monotonic() - started:.0f} s; {'all targets met' if not missed else f'{missed} MISSED'}")
     return 1 if missed else 0
@@ -155,5 +162,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few rounds of a few requests: a smoke run")
     parser.add_argument("--only", default="", help="only the databases whose label contains this, e.g. 'psycopg'")
+    parser.add_argument("--rounds", type=int, default=30, help="rounds per database (default 30)")
+    parser.add_argument("--count", type=int, default=1_000, help="requests per variant and round (default 1,000)")
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(rounds=2 if args.quick else 30, count=50 if args.quick else 1_000, only=args.only)))
+    rounds, count = (2, 50) if args.quick else (args.rounds, args.count)
+    sys.exit(asyncio.run(main(rounds=rounds, count=count, only=args.only)))

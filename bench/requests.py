@@ -226,6 +226,56 @@ async def timed(app: ASGIApp, path: str, count: int, concurrency: int) -> float:
     return seconds
 
 
+Build = Callable[[list[Any]], dict[str, ASGIApp]]
+Times = dict[str, dict[str, list[float]]]  # workload -> variant -> seconds per request, one per round
+SLICE = 25  # requests a variant serves before the next one's turn
+
+
+def on_shared_pool(engines: list[Any]) -> dict[str, Any]:
+    """``create_engine`` options that put a new engine on the pool of the first in *engines* (none if empty).
+
+    Variants on one pool run on the same connections, the same server
+    process, while each engine keeps its own dialect and so its own events.
+    """
+    if not engines:
+        return {}
+    first = engines[0]
+    return {"pool": first.pool if isinstance(first, sa.Engine) else first.sync_engine.pool}
+
+
+async def in_turns(build: Build, workloads: list[str], rounds: int, count: int) -> Times:
+    """Time every variant of *build* on each workload, in rounds of apps built afresh, in slices that take turns.
+
+    Fresh apps (engines, registries, one pool shared by all, see
+    ``on_shared_pool()``) each round: two instances of one app differ by a
+    few percent for reasons of their own, which would otherwise stay with one
+    variant for the whole run. Within a round, the variants take turns every
+    ``SLICE`` requests, in an order that turns each time, so what drifts
+    meanwhile (the machine, the SQLite file, the server) falls on all alike.
+    """
+    times: Times = {workload: {} for workload in workloads}
+    slices = max(count // SLICE, 1)
+    for _ in range(rounds):
+        engines: list[Any] = []
+        apps = build(engines)
+        names = list(apps)
+        for workload, by_name in times.items():
+            path = f"/{workload}"
+            for name in names:
+                await timed(apps[name], path, max(count // 5, 10), 1)  # warm up: pool, caches
+            spent = dict.fromkeys(names, 0.0)
+            for turn in range(slices):
+                turned = names[turn % len(names) :] + names[: turn % len(names)]
+                for name in turned if turn % 2 == 0 else reversed(turned):
+                    spent[name] += await timed(apps[name], path, SLICE, 1)
+            for name in names:
+                by_name.setdefault(name, []).append(spent[name] / slices)
+        result = engines[0].dispose()  # the pool they share
+        if result is not None:
+            await result
+    return times
+
+
 Figure = tuple[str, float, bool]  # label, value, met
 
 
