@@ -30,71 +30,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
-import sqlalchemy as sa
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from sqlalchemy.ext.asyncio import create_async_engine
-from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+import starlette_alchemy
 from bench.driver import databases
-from bench.models import Row, recreate
-from bench.policy import report
-from bench.requests import Build, Figure, Target, in_turns, ok, on_shared_pool
-from starlette_alchemy import AsyncScopedSession, DBSessionMiddleware, ScopedSession, spans
+from bench.models import recreate
+from bench.policy import app, report
+from bench.requests import Build, Figure, Target, in_turns
+from starlette_alchemy import spans
 
 
 class _DropSpans(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         return SpanExportResult.SUCCESS
-
-
-def app(kind: str, url: str, engines: list[Any], *, stats: bool) -> ASGIApp:
-    """w1 reads a row by primary key, w2 inserts one; the middleware commits. Its engine goes in *engines*.
-
-    Every engine after the first in *engines* uses the first one's pool, so
-    the variants of a round run on the same connections (the same server
-    process), while each engine keeps its own dialect and so its own events.
-    """
-    shared = on_shared_pool(engines)
-    if kind == "async":
-        async_engine = create_async_engine(url, **shared)
-        engines.append(async_engine)
-        adb = AsyncScopedSession(async_engine, stats=stats)
-
-        async def w1(request: Request) -> Response:
-            await adb.get(Row, 1)
-            return ok()
-
-        async def w2(request: Request) -> Response:
-            adb.add(Row(name="x"))
-            return ok()
-
-        routes: dict[str, Any] = {"w1": w1, "w2": w2}
-        db: Any = adb
-    else:
-        engine = sa.create_engine(url, **shared)
-        engines.append(engine)
-        db = ScopedSession(engine, stats=stats)
-
-        def w1_sync(request: Request) -> Response:
-            db.get(Row, 1)
-            return ok()
-
-        def w2_sync(request: Request) -> Response:
-            db.add(Row(name="x"))
-            return ok()
-
-        routes = {"w1": w1_sync, "w2": w2_sync}
-    return Starlette(
-        routes=[Route(f"/{name}", endpoint, methods=["GET", "POST"]) for name, endpoint in routes.items()],
-        middleware=[Middleware(DBSessionMiddleware, db=db)],
-    )
 
 
 class Setting:
@@ -170,11 +121,11 @@ async def main(rounds: int, count: int, only: str) -> int:
 
             def build(engines: list[Any], kind: str = kind, url: str = url) -> dict[str, ASGIApp]:
                 # One app for the three that differ only in OpenTelemetry's state: nothing else differs.
-                on = app(kind, url, engines, stats=True)
+                on = app(starlette_alchemy, kind, url, engines, stats=True)
                 return {
-                    "off": Setting(app(kind, url, engines, stats=False), installed, None),
+                    "off": Setting(app(starlette_alchemy, kind, url, engines, stats=False), installed, None),
                     "on": Setting(on, installed, None),
-                    "on-again": Setting(app(kind, url, engines, stats=True), installed, None),
+                    "on-again": Setting(app(starlette_alchemy, kind, url, engines, stats=True), installed, None),
                     "no-otel": Setting(on, None, None),
                     "sdk": Setting(on, installed, provider),
                 }

@@ -65,13 +65,11 @@ def _git(*args: str) -> str:
         raise SystemExit(message) from exc
 
 
-def app(package: Any, kind: str, url: str, engines: list[Any], *, read_only: bool = False) -> ASGIApp:
-    """The same routes on *package*'s middleware and registry; ``read_only`` marks the reading one.
+def app(package: Any, kind: str, url: str, engines: list[Any], *, read_only: bool = False, **options: Any) -> ASGIApp:
+    """w1 reads a row by primary key, w2 inserts one, on *package*'s middleware and registry (given *options*).
 
-    Its engine goes in *engines*, on the pool of the first one there.
+    ``read_only`` marks w1. Its engine goes in *engines*, on the pool of the first one there (``on_shared_pool()``).
     """
-    # Query statistics came after the baseline, and have a benchmark of their own (bench/observe.py).
-    options = {"stats": False} if package is starlette_alchemy else {}
     if kind == "async":
         async_engine = create_async_engine(url, **on_shared_pool(engines))
         engines.append(async_engine)
@@ -144,11 +142,12 @@ async def main(rounds: int, count: int, only: str) -> int:
             def build(engines: list[Any], kind: str = kind, url: str = url) -> dict[str, ASGIApp]:
                 apps = {
                     "before": app(before, kind, url, engines),
-                    "today": app(starlette_alchemy, kind, url, engines),
-                    "today-again": app(starlette_alchemy, kind, url, engines),
+                    # Query statistics came after the baseline, and have a benchmark of their own (bench/observe.py).
+                    "today": app(starlette_alchemy, kind, url, engines, stats=False),
+                    "today-again": app(starlette_alchemy, kind, url, engines, stats=False),
                 }
                 if url.startswith("postgresql"):
-                    apps["read-only"] = app(starlette_alchemy, kind, url, engines, read_only=True)
+                    apps["read-only"] = app(starlette_alchemy, kind, url, engines, read_only=True, stats=False)
                 return apps
 
             targets = TARGETS + (POSTGRESQL_TARGETS if postgresql else [])
