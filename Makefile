@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo serve bench bench-lifecycle bench-policy bench-observe clean
+.PHONY: test lint demo serve bench bench-lifecycle bench-policy bench-observe bench-routing clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench-policy: $(STAMP)
 # What query statistics and the OpenTelemetry span cost (issue 15).
 bench-observe: $(STAMP)
 	$(BIN)/python -m bench.observe $(BENCH_ARGS)
+
+# What reading from a replica costs (issue 16).
+bench-routing: $(STAMP)
+	$(BIN)/python -m bench.routing $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .coverage .mypy_cache .pytest_cache .ruff_cache

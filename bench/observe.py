@@ -20,10 +20,7 @@ cannot resolve 1%. ``sdk`` against ``on`` is reported, and so is
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import gc
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -39,7 +36,7 @@ import starlette_alchemy
 from bench.driver import databases
 from bench.models import recreate
 from bench.policy import app, report
-from bench.requests import Build, Figure, Target, in_turns
+from bench.requests import Build, Figure, Target, in_turns, run_in_turns_command
 from starlette_alchemy import spans
 
 
@@ -138,11 +135,4 @@ async def main(rounds: int, count: int, only: str) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few rounds of a few requests: a smoke run")
-    parser.add_argument("--only", default="", help="only the databases whose label contains this, e.g. 'psycopg'")
-    parser.add_argument("--rounds", type=int, default=40, help="rounds per database (default 40)")
-    parser.add_argument("--count", type=int, default=500, help="requests per variant and round (default 500)")
-    args = parser.parse_args()
-    rounds, count = (2, 50) if args.quick else (args.rounds, args.count)
-    sys.exit(asyncio.run(main(rounds=rounds, count=count, only=args.only)))
+    run_in_turns_command(__doc__, main, rounds=40, count=500)

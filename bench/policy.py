@@ -14,8 +14,6 @@ checkout. Two targets, each the median over rounds of ``in_turns()``, in process
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import gc
 import importlib
 import subprocess
@@ -38,7 +36,7 @@ from starlette.types import ASGIApp
 import starlette_alchemy
 from bench.driver import databases
 from bench.models import Row, recreate
-from bench.requests import Build, Figure, Target, in_turns, ok, on_shared_pool
+from bench.requests import Build, Figure, Target, in_turns, ok, on_shared_pool, run_in_turns_command
 
 # The last commit before per-route policies: what a route without one must still cost.
 BASELINE = "293b65470a672f1b892c5638f8137c20aef525d8"
@@ -158,11 +156,4 @@ async def main(rounds: int, count: int, only: str) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few rounds of a few requests: a smoke run")
-    parser.add_argument("--only", default="", help="only the databases whose label contains this, e.g. 'psycopg'")
-    parser.add_argument("--rounds", type=int, default=30, help="rounds per database (default 30)")
-    parser.add_argument("--count", type=int, default=1_000, help="requests per variant and round (default 1,000)")
-    args = parser.parse_args()
-    rounds, count = (2, 50) if args.quick else (args.rounds, args.count)
-    sys.exit(asyncio.run(main(rounds=rounds, count=count, only=args.only)))
+    run_in_turns_command(__doc__, main, rounds=30, count=1000)

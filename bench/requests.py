@@ -226,6 +226,18 @@ async def timed(app: ASGIApp, path: str, count: int, concurrency: int) -> float:
     return seconds
 
 
+def run_in_turns_command(doc: str, main: Callable[..., Any], *, rounds: int, count: int) -> None:
+    """The command line of a benchmark built on ``in_turns()``: run ``main(rounds=, count=, only=)``, exit with it."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few rounds of a few requests: a smoke run")
+    parser.add_argument("--only", default="", help="only the databases whose label contains this, e.g. 'psycopg'")
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"rounds per database (default {rounds})")
+    parser.add_argument("--count", type=int, default=count, help=f"requests per variant and round (default {count:,})")
+    args = parser.parse_args()
+    rounds, count = (2, 50) if args.quick else (args.rounds, args.count)
+    sys.exit(asyncio.run(main(rounds=rounds, count=count, only=args.only)))
+
+
 Build = Callable[[list[Any]], dict[str, ASGIApp]]
 Times = dict[str, dict[str, list[float]]]  # workload -> variant -> seconds per request, one per round
 SLICE = 25  # requests a variant serves before the next one's turn

@@ -271,3 +271,19 @@ async def refused_by_the_database(tenants: ModuleType) -> None:
         tenants.db.info["tenant"] = "acme"
         bodies = await tenants.db.scalars(sa.select(tenants.Note.tenant).distinct())
         assert list(bodies) == ["acme"]
+
+
+async def test_replicas_example_reads_the_replica_except_for_a_client_that_wrote(tmp_path: Path) -> None:
+    urls = {name: f"sqlite+aiosqlite:///{tmp_path / name}.db" for name in ("primary", "replica")}
+    replicas = load_fresh("examples.replicas", DATABASE_URL=urls["primary"], REPLICA_URLS=urls["replica"])
+    async with replicas.lifespan(replicas.app), serve(replicas.app) as base:
+        async with httpx.AsyncClient(base_url=base) as writer, httpx.AsyncClient(base_url=base) as other:
+            response = await writer.post("/notes", params={"body": "hello"})
+            assert response.status_code == 201 and response.json() == ["hello"]
+            # Nothing replicates between the two files: only reads from the primary see the note.
+            assert (await writer.get("/notes")).json() == ["hello"]
+            assert (await other.get("/notes")).json() == []
+            assert (await other.post("/search", params={"text": "hel"})).json() == []
+            assert (await writer.post("/search", params={"text": "hel"})).json() == ["hello"]
+        for engine in (replicas.primary, *replicas.replicas):
+            assert engine.sync_engine.pool.checkedout() == 0

@@ -47,6 +47,7 @@ def test_the_readme_has_the_blocks_this_test_expects() -> None:
         "tenants",
         "stats",
         "otel",
+        "replicas",
         None,
     }
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Literal
 
 from sqlalchemy import Engine
@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .exceptions import CommitFailedError
 from .observe import server_timing
 from .policy import route_policy
+from .routing import METHOD_PIN, RequestReads, cookie_header, request_reads
 from .scoped import AsyncScopedSession, ScopedSession
 from .settle import (
     AnyScopedSession,
@@ -63,9 +64,15 @@ class DBSessionMiddleware:
         on_commit_failure: Callable[[CommitFailedError], Response | None] | None = None,
         websocket: Literal["manual", "off"] = "manual",
         server_timing: bool = False,
+        read_your_writes: float | None = 5.0,
+        replica_methods: Iterable[str] = ("GET", "HEAD", "OPTIONS"),
     ) -> None:
         self.app = app
         self.registries = _registries(db)
+        # Read replicas: only when a registry has some does a request carry routing (and get the cookie).
+        self.routed = any(registry.registry.router is not None for registry in self.registries)
+        self.read_your_writes = _window(read_your_writes)
+        self.replica_methods = _methods(replica_methods)
         _check_callable("commit_on", commit_on, "a function of the status code, True to commit: 'lambda status: ...'")
         _check_callable("on_commit_failure", on_commit_failure, "a function of the error returning a Response or None")
         if websocket not in ("manual", "off"):
@@ -87,15 +94,18 @@ class DBSessionMiddleware:
             await self._not_http(scope, receive, send)
             return
         scope[SCOPE_KEY] = self.registries
-        opened = open_scopes(self.registries, scope)
+        reads = request_reads(scope, self.replica_methods, self.read_your_writes) if self.routed else None
+        opened = open_scopes(self.registries, scope, reads)
 
         # A plain function returning the awaitable: forwarding a message costs no coroutine of its own.
         def send_after_settling(message: Message) -> Awaitable[None]:
             kind = message["type"]
             if kind == "http.response.start":
                 if in_use(opened):
-                    return self._settle_then_send(opened, message, send, scope)
+                    return self._settle_then_send(opened, message, send, scope, reads)
                 seal(opened)
+                if reads is not None:
+                    message = self._with_cookie(message, reads, scope)
             elif kind == "http.response.body" and not message.get("more_body") and after_commit_ready(opened):
                 return _send_then_run_after_commit(opened, message, send)
             return send(message)
@@ -113,16 +123,30 @@ class DBSessionMiddleware:
         else:
             forget(opened)  # no session was ever created: nothing to await
 
-    async def _settle_then_send(self, opened: Opened, message: Message, send: Send, scope: Scope) -> None:
+    async def _settle_then_send(
+        self, opened: Opened, message: Message, send: Send, scope: Scope, reads: RequestReads | None
+    ) -> None:
         # Don't forward the status line until the transaction's outcome is known.
         status = message["status"]
         policy = route_policy(scope)
-        manual = policy is not None and policy.manual
-        commit_on = (policy.commit_on if policy is not None else None) or self.commit_on
-        await commit_or_roll_back(opened, status=status, commit=not manual and commit_on(status), manual=manual)
+        if policy is None:
+            await commit_or_roll_back(opened, status=status, commit=self.commit_on(status))
+        else:
+            commit = not policy.manual and (policy.commit_on or self.commit_on)(status)
+            await commit_or_roll_back(opened, status=status, commit=commit, manual=policy.manual)
         if self.server_timing:
             message = _with_server_timing(message, opened)
+        if reads is not None:
+            message = self._with_cookie(message, reads, scope)
         await send(message)
+
+    def _with_cookie(self, message: Message, reads: RequestReads, scope: Scope) -> Message:
+        """The status line, with the read-your-writes cookie if the request's scopes committed writes."""
+        if not reads.wrote or self.read_your_writes is None:
+            return message
+        # A copy: the app's Response keeps the list it sent, and may send it again.
+        headers = [*message.get("headers", ()), cookie_header(self.read_your_writes, scope)]
+        return {**message, "headers": headers}
 
     async def _answer_commit_failure(self, exc: CommitFailedError, scope: Scope, receive: Receive, send: Send) -> None:
         # The handler's status line was never forwarded, so another response still can be.
@@ -150,7 +174,8 @@ class DBSessionMiddleware:
             await self.app(scope, receive, send)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        opened = open_scopes(self.registries, scope)
+        # A WebSocket has no method that says it only reads: its scopes read from the primary.
+        opened = open_scopes(self.registries, scope, RequestReads(METHOD_PIN) if self.routed else None)
         try:
             await self.app(scope, receive, send)
         except BaseException as exc:
@@ -188,6 +213,24 @@ def _got(value: object) -> str:
     else:
         fix = ""
     return f"got {value!r} ({type(value).__name__}).{fix}"
+
+
+def _window(seconds: object) -> float | None:
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+        raise ValueError(
+            f"'read_your_writes' must be a number of seconds, more than 0 (how long a client that wrote reads from "
+            f"the primary), or None to turn it off; got {seconds!r}."
+        )
+    return float(seconds)
+
+
+def _methods(methods: object) -> frozenset[str]:
+    listed = list(methods) if isinstance(methods, Iterable) and not isinstance(methods, str | bytes) else None
+    if listed is None or not all(isinstance(method, str) for method in listed):
+        raise TypeError(f"'replica_methods' must be a list of HTTP methods, such as ['GET', 'HEAD']; got {methods!r}.")
+    return frozenset(method.upper() for method in listed)
 
 
 def _check_callable(name: str, value: object, expected: str) -> None:

@@ -58,7 +58,7 @@ class Policy:
     statement_timeout: float | None = None
     commit_on: Callable[[int], bool] | None = None
     manual: bool = False
-    # Stored for the read replicas (``primary``), retries (``retry``) and query statistics (``max_queries``).
+    # Read by the read replicas (``primary``, routing.py) and query statistics (``max_queries``); stored for retries.
     retry: bool | None = None
     primary: bool = False
     max_queries: int | None = None

@@ -18,6 +18,7 @@ from .exceptions import NoActiveScopeError, TrackingDisabledError
 from .lifecycle import _HOOKS_KEY, _TRACKER_KEY, Collector, Hooks
 from .observe import Meter, Observer, ScopeStats
 from .policy import BeginHook, Policy, characteristics_for, read_only_at_begin, route_policy
+from .routing import RequestReads, Route, Router
 from .sessions import _ENDED, _STATE_KEY
 
 __all__ = ["ContextVarRegistry", "ScopeState", "route_name"]
@@ -50,6 +51,7 @@ class ScopeState(Generic[_T]):
         "raw_sql",
         "read_only",
         "read_only_at_begin",
+        "route",
         "sealed",
         "session",
         "wrote",
@@ -73,13 +75,12 @@ class ScopeState(Generic[_T]):
         # The current transaction may have written (a flush, ORM DML, raw SQL other than SELECT).
         self.wrote = False
         # The transaction policy: db.scope()'s, or the route's, read when the request's session is created.
-        self.policy: Policy | None = None
-        self.read_only = False
-        self._take(policy)
+        self.policy = policy
+        self.read_only = policy is not None and policy.read_only
         # The execution options the policy gives each transaction's connection before BEGIN, if any,
-        # and the (root) transaction that last acquired its connection: those options are set by then.
+        # and, per engine, the (root) transaction that last acquired a connection to it: those have them.
         self.characteristics: dict[str, Any] | None = None
-        self.began: object = None
+        self.began: dict[Any, Any] | None = None
         # psycopg: the session sets the connection's read_only itself at BEGIN (cheaper than an execution option).
         self.read_only_at_begin = False
         # The registry's on_begin hooks, and the scope's own dict for them (db.info), made on first use.
@@ -95,6 +96,8 @@ class ScopeState(Generic[_T]):
         # Statistics: the registry's settings, and this scope's meter, made with its session.
         self.observer = observer
         self.meter: Meter | None = None
+        # Read replicas: where the scope's statements go, for a registry that has any (routing.py).
+        self.route: Route | None = None
 
     @property
     def info(self) -> dict[str, Any]:
@@ -115,12 +118,10 @@ class ScopeState(Generic[_T]):
         """For a request's scope: take the policy of the endpoint the router matched, if any yet."""
         # A request's origin is its ASGI scope, a dict; db.scope()'s is a description.
         if self.policy is None and isinstance(self.origin, dict):
-            self._take(route_policy(self.origin))
+            policy = self.policy = route_policy(self.origin)
+            if policy is not None:
+                self.read_only = policy.read_only
         return self.policy
-
-    def _take(self, policy: Policy | None) -> None:
-        self.policy = policy
-        self.read_only = policy is not None and policy.read_only
 
     def describe(self) -> str:
         """Name the scope for log messages: the request's route, or where ``db.scope()`` was opened."""
@@ -161,7 +162,7 @@ class ContextVarRegistry(ScopedRegistry[_T]):
     the shared holder reaches the code that opened the scope and must close it.
     """
 
-    __slots__ = ("_hooks", "_no_scope", "_var", "observer", "on_begin")
+    __slots__ = ("_hooks", "_no_scope", "_var", "observer", "on_begin", "router")
 
     def __init__(
         self,
@@ -170,6 +171,7 @@ class ContextVarRegistry(ScopedRegistry[_T]):
         no_scope_message: str,
         hooks: Hooks | None = None,
         observer: Observer | None = None,
+        router: Router | None = None,
     ) -> None:
         self.createfunc = createfunc
         self.scopefunc = self.current
@@ -179,6 +181,7 @@ class ContextVarRegistry(ScopedRegistry[_T]):
         self._var: ContextVar[ScopeState[_T] | None] = ContextVar("starlette_alchemy.scope", default=None)
         self.on_begin: list[BeginHook] = []
         self.observer = observer
+        self.router = router
 
     def __call__(self) -> _T:
         """Return the current scope's object, creating it on first use."""
@@ -196,6 +199,12 @@ class ContextVarRegistry(ScopedRegistry[_T]):
             state.read_only_at_begin = read_only_at_begin(bind, policy)
         if state.observer is not None:
             state.meter = Meter(state.observer, state, policy.max_queries if policy is not None else None)
+        route = state.route
+        if route is not None:
+            if getattr(self.createfunc, "kw", {}).get("bind") is route.router.bind:
+                route.decide(policy)
+            else:
+                state.route = None  # the testing kit bound the factory to its one connection: everything goes there
         return self.createfunc()
 
     def has(self) -> bool:
@@ -231,11 +240,27 @@ class ContextVarRegistry(ScopedRegistry[_T]):
         return state
 
     def open(
-        self, origin: MutableMapping[str, Any] | str | None = None, policy: Policy | None = None
+        self,
+        origin: MutableMapping[str, Any] | str | None = None,
+        policy: Policy | None = None,
+        reads: RequestReads | None = None,
     ) -> tuple[ScopeState[_T], Token[ScopeState[_T] | None]]:
-        """Open a new, empty scope in the current context; give the token to ``reset()``."""
+        """Open a new, empty scope in the current context; give the token to ``reset()``.
+
+        *reads*: for a request's scope, what its method and cookie say of its reads (routing.py).
+        """
         state: ScopeState[_T] = ScopeState(self._hooks, origin, self.on_begin, policy, self.observer)
+        if self.router is not None:
+            state.route = self._route(self.router, reads)
         return state, self._var.set(state)
+
+    def _route(self, router: Router, reads: RequestReads | None) -> Route:
+        """A new scope's routing; one opened inside another (``db.scope()`` in a request) inherits its reads' rules."""
+        enclosing = self._var.get()
+        if reads is not None or enclosing is None or enclosing.route is None:
+            return Route(router, reads, None)
+        outer = enclosing.route
+        return Route(router, outer.request, enclosing.adopt_route_policy() or outer.inherited)
 
     def reset(self, token: Token[ScopeState[_T] | None]) -> None:
         """Restore the scope that was current before ``open()`` returned *token*."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, overload
 
@@ -14,11 +14,12 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from .ending import aclose_or_discard, acommit_or_discard, close_or_discard, commit_or_discard, log_errors
 from .exceptions import TrackingDisabledError
+from .factories import async_factory, sync_factory
 from .lifecycle import AfterCommitHook, BeforeCommitHook, Callback, Collector, Hooks
 from .observe import NPlusOne, Observer, ScopeStats
 from .policy import BeginHook, ScopeOptions, scope_policy
 from .registry import _UNTRACKED, ContextVarRegistry, ScopeState
-from .sessions import async_factory, sync_factory
+from .routing import router_for
 from .shield import run_to_completion
 
 if TYPE_CHECKING:
@@ -160,22 +161,49 @@ class ScopedSession(_ScopeControls[_S], scoped_session[_S]):
 
     @overload
     def __init__(
-        self: ScopedSession[Session], bind: Engine, /, *, track_changes: bool = True, **stats: Unpack[StatsOptions]
+        self: ScopedSession[Session],
+        bind: Engine,
+        /,
+        *,
+        track_changes: bool = True,
+        replicas: Sequence[Engine] | None = None,
+        replica_cooldown: float = 5.0,
+        **stats: Unpack[StatsOptions],
     ) -> None: ...
 
     @overload
     def __init__(
-        self, bind: sessionmaker[_S], /, *, track_changes: bool = True, **stats: Unpack[StatsOptions]
+        self,
+        bind: sessionmaker[_S],
+        /,
+        *,
+        track_changes: bool = True,
+        replicas: Sequence[Engine] | None = None,
+        replica_cooldown: float = 5.0,
+        **stats: Unpack[StatsOptions],
     ) -> None: ...
 
     def __init__(
-        self, bind: Engine | sessionmaker[_S], /, *, track_changes: bool = True, **stats: Unpack[StatsOptions]
+        self,
+        bind: Engine | sessionmaker[_S],
+        /,
+        *,
+        track_changes: bool = True,
+        replicas: Sequence[Engine] | None = None,
+        replica_cooldown: float = 5.0,
+        **stats: Unpack[StatsOptions],
     ) -> None:
-        factory = sync_factory(bind, track_changes)
+        """*replicas*: engines of read replicas of *bind*'s database; a scope reads from one of them until it writes."""
+        observer = _observer(stats)
+        factory = sync_factory(bind, track_changes, routed=bool(replicas), metered=observer is not None)
         self.session_factory = factory
         self.hooks = Hooks() if track_changes else None
         self.registry = ContextVarRegistry(
-            factory, no_scope_message=_NO_SCOPE.format(opener="with"), hooks=self.hooks, observer=_observer(stats)
+            factory,
+            no_scope_message=_NO_SCOPE.format(opener="with"),
+            hooks=self.hooks,
+            observer=observer,
+            router=router_for(factory, replicas, replica_cooldown, "ScopedSession"),
         )
 
     def _check_callable(self, function: Callable[..., Any]) -> None:
@@ -231,12 +259,21 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
         /,
         *,
         track_changes: bool = True,
+        replicas: Sequence[AsyncEngine] | None = None,
+        replica_cooldown: float = 5.0,
         **stats: Unpack[StatsOptions],
     ) -> None: ...
 
     @overload
     def __init__(
-        self, bind: async_sessionmaker[_AS], /, *, track_changes: bool = True, **stats: Unpack[StatsOptions]
+        self,
+        bind: async_sessionmaker[_AS],
+        /,
+        *,
+        track_changes: bool = True,
+        replicas: Sequence[AsyncEngine] | None = None,
+        replica_cooldown: float = 5.0,
+        **stats: Unpack[StatsOptions],
     ) -> None: ...
 
     def __init__(
@@ -245,13 +282,21 @@ class AsyncScopedSession(_ScopeControls[_AS], async_scoped_session[_AS]):
         /,
         *,
         track_changes: bool = True,
+        replicas: Sequence[AsyncEngine] | None = None,
+        replica_cooldown: float = 5.0,
         **stats: Unpack[StatsOptions],
     ) -> None:
-        factory = async_factory(bind, track_changes)
+        """*replicas*: engines of read replicas of *bind*'s database; a scope reads from one of them until it writes."""
+        observer = _observer(stats)
+        factory = async_factory(bind, track_changes, routed=bool(replicas), metered=observer is not None)
         self.session_factory = factory
         self.hooks = Hooks() if track_changes else None
         self.registry = ContextVarRegistry(
-            factory, no_scope_message=_NO_SCOPE.format(opener="async with"), hooks=self.hooks, observer=_observer(stats)
+            factory,
+            no_scope_message=_NO_SCOPE.format(opener="async with"),
+            hooks=self.hooks,
+            observer=observer,
+            router=router_for(factory, replicas, replica_cooldown, "AsyncScopedSession"),
         )
 
     @asynccontextmanager

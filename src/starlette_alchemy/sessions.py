@@ -5,6 +5,8 @@ scope is *sealed* and its session may read but not write; once the scope has
 ended, its session may not be used at all, through the registry or through a
 reference kept by code that outlived the request. The scope's ``ScopeState``
 is found in ``session.info``; sessions made anywhere else are untouched.
+``_RoutedScopeSession`` (read replicas) and ``_MeteredScopeSession``
+(statistics) add what only some registries need; factories.py combines them.
 """
 
 from __future__ import annotations
@@ -14,14 +16,13 @@ from functools import partial
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, event
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
-from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
 from .ending import _owns
 from .exceptions import NoActiveScopeError, ReadOnlyTransactionError, SessionSealedError
-from .lifecycle import _TrackedSession
 from .observe import Meter, watch
 from .policy import BeginScope, begin, warn_once
+from .routing import Route
 
 # Where a session created by a registry keeps the ScopeState that owns it.
 _STATE_KEY = "starlette_alchemy.scope"
@@ -32,7 +33,7 @@ class _Scope(BeginScope, Protocol):
 
     characteristics: dict[str, Any] | None
     read_only_at_begin: bool
-    began: object
+    began: dict[Engine, SessionTransaction] | None
     sealed: bool
     ended: bool
     read_only: bool
@@ -40,6 +41,7 @@ class _Scope(BeginScope, Protocol):
     wrote: bool
     loop_thread: int | None
     meter: Meter | None
+    route: Route | None
 
 
 _SEALED = (
@@ -106,19 +108,9 @@ class _ScopeSession(Session):
             if state.sealed:
                 raise _sealed_error(state)
             _note_blocking(state)
-        meter = state.meter if state is not None else None
-        if meter is not None:
-            meter.commit_started()
-        try:
-            super().commit()
-        except BaseException:
-            if meter is not None:
-                meter.committed(ok=False)
-            raise
+        super().commit()
         if state is not None:
             state.wrote = False  # what the transaction wrote is committed
-            if meter is not None:
-                meter.committed(ok=True)
 
     def rollback(self) -> None:
         super().rollback()
@@ -136,31 +128,91 @@ class _ScopeSession(Session):
                 state.raw_sql = True
             state.wrote = True
             _note_blocking(state)
-            due = _due_characteristics(self, state)
-            if due is not None:
-                kw["execution_options"] = {**due, **(kw.get("execution_options") or {})}
+            if state.characteristics is not None:
+                due = _due_characteristics(self, state, _target(self, state, kw.get("bind_arguments")))
+                if due is not None:
+                    kw["execution_options"] = {**due, **(kw.get("execution_options") or {})}
         return super().connection(*args, **kw)
 
 
-class _TrackedScopeSession(_TrackedSession, _ScopeSession):
-    """A ``_ScopeSession`` that also reports to its scope's ``Collector``."""
+class _RoutedScopeSession(_ScopeSession):
+    """A ``_ScopeSession`` of a registry with replicas: each statement goes where its scope's ``Route`` says.
+
+    A class of its own, so that registries without replicas pay nothing for it.
+    """
+
+    def get_bind(self, mapper: Any = None, *, clause: Any = None, bind: Any = None, **kw: Any) -> Any:
+        if bind is None:
+            state: _Scope | None = self.info.get(_STATE_KEY)
+            route = state.route if state is not None else None
+            if route is not None:
+                return route.bind_for(state.wrote, clause)  # type: ignore[union-attr]
+        return super().get_bind(mapper, clause=clause, bind=bind, **kw)
+
+    def _connection_for_bind(self, engine: Any, execution_options: Any = None, **kw: Any) -> Connection:
+        state: _Scope | None = self.info.get(_STATE_KEY)
+        route = state.route if state is not None else None
+        if route is not None:
+            # A replica that cannot be connected to is skipped: the scope reads from the next one, or the primary.
+            while engine in route.router.replicas:
+                try:
+                    return super()._connection_for_bind(engine, execution_options, **kw)
+                except Exception as error:
+                    transaction = self.get_transaction()  # the root: it holds the connections
+                    if transaction is not None and engine in transaction._connections:
+                        raise  # it connected, then failed (an on_begin hook, say): the request's own error
+                    engine = route.unreachable(engine, error)
+        return super()._connection_for_bind(engine, execution_options, **kw)
 
 
-def _due_characteristics(session: Session, state: _Scope) -> dict[str, Any] | None:
-    """The scope's characteristics, if its current transaction's connection does not have them yet."""
+class _MeteredScopeSession(_ScopeSession):
+    """A ``_ScopeSession`` of a registry that keeps statistics: it times each COMMIT, and tells when a transaction ends.
+
+    A class of its own, so that registries with ``stats=False`` pay nothing for it.
+    """
+
+    def commit(self) -> None:
+        state: _Scope | None = self.info.get(_STATE_KEY)
+        meter = state.meter if state is not None else None
+        if meter is None or state.sealed:  # type: ignore[union-attr]
+            super().commit()  # a sealed scope's commit is refused before it begins: nothing to time
+            return
+        meter.commit_started()
+        try:
+            super().commit()
+        except BaseException:
+            meter.committed(ok=False)
+            raise
+        meter.committed(ok=True)
+
+
+def _due_characteristics(session: Session, state: _Scope, engine: object) -> dict[str, Any] | None:
+    """The scope's characteristics, if its current transaction's connection to *engine* does not have them yet."""
+    if state.characteristics is None:
+        return None
     began = state.began
-    if state.characteristics is None or (began is not None and began is session.get_transaction()):
+    if began is not None and began.get(engine) is session.get_transaction():  # type: ignore[call-overload]
         return None
     return state.characteristics
 
 
-def _characterize(session: Session, state: _Scope) -> None:
-    """Acquire the transaction's connection now, with the scope's characteristics, unless that is done."""
-    due = _due_characteristics(session, state)
+def _target(session: Session, state: _Scope, bind_arguments: dict[str, Any] | None = None) -> object:
+    """The engine a statement with *bind_arguments* goes to: the session's own, unless the scope routes reads."""
+    if state.route is None:
+        return session.bind
+    return session.get_bind(**bind_arguments) if bind_arguments else session.get_bind()
+
+
+def _characterize(session: Session, state: _Scope, execute_state: ORMExecuteState | None = None) -> None:
+    """Acquire the connection the next statement needs now, with the scope's characteristics, unless that is done."""
+    if state.characteristics is None:
+        return
+    engine = _target(session, state, execute_state.bind_arguments if execute_state is not None else None)
+    due = _due_characteristics(session, state, engine)
     if due is not None:
-        # The Session's own method: acquiring it for the policy's sake is no raw SQL. No bind
-        # arguments: a session with characteristics is bound to one engine (policy.characteristics_for()).
-        Session.connection(session, execution_options=due)
+        # The Session's own method: acquiring it for the policy's sake is no raw SQL. A session with
+        # characteristics is bound to one engine (policy.characteristics_for()), or routes to its replicas.
+        Session.connection(session, bind_arguments={"bind": engine}, execution_options=due)
 
 
 def _sealed_error(state: _Scope) -> Exception:
@@ -214,9 +266,10 @@ def _check_statement(execute_state: ORMExecuteState) -> None:
     _note_blocking(state)
     if state.ended:
         raise NoActiveScopeError(_ENDED)
-    _characterize(session, state)
     statement = execute_state.statement
     if statement.is_select:
+        if state.characteristics is not None:
+            _characterize(session, state, execute_state)
         if state.meter is not None and execute_state.lazy_loaded_from is not None:
             state.meter.lazy_load(execute_state)
         return
@@ -227,6 +280,8 @@ def _check_statement(execute_state: ORMExecuteState) -> None:
         # Raw SQL may write (the database refuses it in a read-only transaction, where it can).
         state.wrote = True
         state.raw_sql = state.raw_sql or state.sealed
+    # After the above: a statement that writes goes to a routed scope's primary, with the characteristics.
+    _characterize(session, state, execute_state)
 
 
 def _reads(statement: Any) -> bool:
@@ -253,12 +308,22 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
         if state.read_only_at_begin:
             _begin_read_only(connection)  # first: psycopg sends BEGIN with the first statement, hooks' too
         if state.characteristics is not None:
-            state.began = transaction
+            if state.began is None:
+                state.began = {}
+            state.began[connection.engine] = transaction
         if state.on_begin or (state.policy is not None and state.policy.statement_timeout is not None):
             begin(connection, state)
 
 
-@event.listens_for(_ScopeSession, "after_transaction_end")
+@event.listens_for(_RoutedScopeSession, "after_commit")
+def _committed(session: Session) -> None:
+    """Tell the scope's route if what committed wrote (the flush inside the COMMIT included): it sets the cookie."""
+    state: _Scope | None = session.info.get(_STATE_KEY)
+    if state is not None and state.wrote and state.route is not None:
+        state.route.committed()
+
+
+@event.listens_for(_MeteredScopeSession, "after_transaction_end")
 def _transaction_ended(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:
         state: _Scope | None = session.info.get(_STATE_KEY)
@@ -279,68 +344,3 @@ def _begin_read_only(connection: Connection) -> None:
 def _no_read_only(dialect: Any, dbapi_connection: Any) -> None:
     # None, psycopg's default, rather than False: the next transaction begins with a plain BEGIN.
     dialect.set_readonly(dbapi_connection, None)
-
-
-_scope_classes: dict[tuple[type[Session], type[Session]], type[Session]] = {}
-
-
-def _scope_class(session_class: type[Session], base: type[Session]) -> type[Session]:
-    """Return a subclass of *session_class* that also derives from *base* (cached)."""
-    if issubclass(session_class, base):
-        return session_class
-    key = (session_class, base)
-    if key not in _scope_classes:
-        _scope_classes[key] = type(session_class.__name__, (base, session_class), {})
-    return _scope_classes[key]
-
-
-def _base(track_changes: bool) -> type[Session]:
-    return _TrackedScopeSession if track_changes else _ScopeSession
-
-
-_WRONG_BIND = "{registry}() takes {accepted}; it was given {given!r} ({kind}).{hint}"
-
-
-def _check_bind(registry: str, bind: object) -> None:
-    """Refuse, with the fix, what a registry cannot build sessions from."""
-    sync = registry == "ScopedSession"
-    if isinstance(bind, Engine | sessionmaker) if sync else isinstance(bind, AsyncEngine | async_sessionmaker):
-        return
-    if isinstance(bind, AsyncEngine | async_sessionmaker) if sync else isinstance(bind, Engine | sessionmaker):
-        hint = " Use 'AsyncScopedSession' for it." if sync else " Use 'ScopedSession' for it."
-    elif isinstance(bind, str):
-        factory = "create_engine" if sync else "create_async_engine"
-        hint = f" Create an engine from the URL first: {registry}({factory}({bind!r}))."
-    else:
-        hint = ""
-    accepted = "an Engine or a sessionmaker" if sync else "an AsyncEngine or an async_sessionmaker"
-    raise TypeError(
-        _WRONG_BIND.format(registry=registry, accepted=accepted, given=bind, kind=type(bind).__name__, hint=hint)
-    )
-
-
-def _check_track_changes(track_changes: object) -> None:
-    if not isinstance(track_changes, bool):
-        raise TypeError(
-            f"'track_changes' must be True or False; got {track_changes!r} ({type(track_changes).__name__})."
-        )
-
-
-def sync_factory(bind: Engine | sessionmaker[Any], track_changes: bool) -> sessionmaker[Any]:
-    """A factory of the package's sessions: built for an engine, or a copy of the given one."""
-    _check_bind("ScopedSession", bind)
-    _check_track_changes(track_changes)
-    if isinstance(bind, Engine):
-        return sessionmaker(bind, class_=_base(track_changes), expire_on_commit=False)
-    return sessionmaker(class_=_scope_class(bind.class_, _base(track_changes)), **bind.kw)
-
-
-def async_factory(bind: AsyncEngine | async_sessionmaker[Any], track_changes: bool) -> async_sessionmaker[Any]:
-    """An async factory whose sync sessions are the package's: built for an engine, or a copy."""
-    _check_bind("AsyncScopedSession", bind)
-    _check_track_changes(track_changes)
-    if isinstance(bind, AsyncEngine):
-        return async_sessionmaker(bind, expire_on_commit=False, sync_session_class=_base(track_changes))
-    sync_class = bind.kw.get("sync_session_class", bind.class_.sync_session_class)
-    sync_class = _scope_class(sync_class, _base(track_changes))
-    return async_sessionmaker(class_=bind.class_, **{**bind.kw, "sync_session_class": sync_class})

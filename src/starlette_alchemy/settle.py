@@ -25,6 +25,7 @@ from .ending import aclose_or_discard, acommit_or_discard, close_or_discard, com
 from .exceptions import CommitFailedError
 from .lifecycle import Collector
 from .registry import ScopeState, _sync
+from .routing import RequestReads
 from .scoped import AsyncScopedSession, ScopedSession
 from .shield import run_to_completion
 
@@ -37,11 +38,16 @@ AnyScopedSession = ScopedSession[Any] | AsyncScopedSession[Any]
 Opened = list[tuple[AnyScopedSession, ScopeState[Any], Token[Any]]]
 
 
-def open_scopes(registries: tuple[AnyScopedSession, ...], origin: MutableMapping[str, Any]) -> Opened:
-    """Open a fresh scope on every registry, in the current context, for the request *origin*."""
+def open_scopes(
+    registries: tuple[AnyScopedSession, ...], origin: MutableMapping[str, Any], reads: RequestReads | None = None
+) -> Opened:
+    """Open a fresh scope on every registry, in the current context, for the request *origin*.
+
+    *reads*: what the request's method and cookie say of its reads, when a registry has replicas.
+    """
     opened: Opened = []
     for registry in registries:
-        state, token = registry.registry.open(origin)
+        state, token = registry.registry.open(origin, None, reads)
         if isinstance(registry, ScopedSession):
             state.loop_thread = threading.get_ident()
         opened.append((registry, state, token))
