@@ -327,22 +327,25 @@ async def test_after_a_write_the_cookie_sends_the_clients_reads_to_the_primary_u
     engine: Engine | AsyncEngine, replica: Engine | AsyncEngine, transport: str
 ) -> None:
     db = routed(engine, [replica])
-    async with http_client(app_for(db, read_your_writes=1.5), transport) as client:
+    async with http_client(app_for(db, read_your_writes=7.5), transport) as client:
         assert (await client.get("/where")).json() == "replica"
+        sent = time.time()
         response = await client.post("/write", params={"name": "posted"})
         cookie = response.headers["set-cookie"]
         assert cookie.startswith(f"{COOKIE}=")
-        assert "; Max-Age=2; Path=/; HttpOnly; SameSite=Lax" in cookie
+        assert "; Max-Age=8; Path=/; HttpOnly; SameSite=Lax" in cookie
         assert "Secure" not in cookie  # plain http
+        # Its value is when the window ends, in milliseconds.
+        until = int(client.cookies[COOKIE])
+        assert (sent + 7.5) * 1000 <= until <= (time.time() + 7.5) * 1000 + 1
         # The same client now reads what it wrote; another client (no cookie) reads the replica.
         assert (await client.get("/where")).json() == "primary"
-        saved = {"cookie": f"{COOKIE}={client.cookies[COOKIE]}"}
         client.cookies.clear()
         assert (await client.get("/where")).json() == "replica"
-        assert (await client.get("/where", headers=saved)).json() == "primary"
-        # A browser drops it after Max-Age; one that sends it later still reads the replica.
-        await asyncio.sleep(1.6)
-        assert (await client.get("/where", headers=saved)).json() == "replica"
+        assert (await client.get("/where", headers={"cookie": f"{COOKIE}={until}"})).json() == "primary"
+        # Once the window has ended (a browser drops the cookie then; one that still sends it):
+        expired = int(time.time() * 1000) - 1
+        assert (await client.get("/where", headers={"cookie": f"{COOKIE}={expired}"})).json() == "replica"
 
 
 async def test_a_write_flushed_by_the_commit_itself_sets_the_cookie(
@@ -429,7 +432,11 @@ async def test_a_replica_that_cannot_be_reached_is_skipped_for_a_cool_down_with_
     transport: str,
 ) -> None:
     dead = _dead_engine(backend, tmp_path)
-    db = routed(engine, [dead, replica], replica_cooldown=0.5)
+    db = routed(engine, [dead, replica], replica_cooldown=30)
+    router = db.registry.router
+    assert router is not None
+    now = [1000.0]
+    router.clock = lambda: now[0]  # the cool-down's clock, moved by the test
     try:
         async with http_client(app_for(db), transport) as client:
             served = [(await client.get("/where")).json() for _ in range(6)]
@@ -438,10 +445,13 @@ async def test_a_replica_that_cannot_be_reached_is_skipped_for_a_cool_down_with_
             warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
             assert len(warnings) == 1, warnings
             assert "The replica" in warnings[0] and "could not be reached" in warnings[0]
-            assert "for 0.5 s" in warnings[0]
-            await asyncio.sleep(0.6)
+            assert "for 30.0 s" in warnings[0]
+            now[0] += 29.9
+            assert (await client.get("/where")).json() == "replica"
+            assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1  # still cooling down
+            now[0] += 0.2
             assert [(await client.get("/where")).json() for _ in range(2)] == ["replica"] * 2
-            assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 2  # a new cool-down
+            assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 2  # tried again: a new cool-down
     finally:
         await _dispose(dead)
     assert checked_out(engine) == checked_out(replica) == 0

@@ -51,7 +51,7 @@ class RequestReads:
 class Router:
     """A registry's primary and replicas: the replicas' turns, and which of them cool down after a failed connect."""
 
-    __slots__ = ("_cooling", "_in_turn", "_lock", "_turns", "bind", "cooldown", "primary", "replicas")
+    __slots__ = ("_cooling", "_in_turn", "_lock", "_turns", "bind", "clock", "cooldown", "primary", "replicas")
 
     def __init__(self, bind: object, primary: Engine, replicas: Sequence[Engine], cooldown: float) -> None:
         # The registry's own bind: a session factory still bound to it routes (the testing kit rebinds it).
@@ -61,8 +61,9 @@ class Router:
         self.cooldown = cooldown
         self._in_turn = tuple(replicas)
         self._turns = itertools.count()  # its next() is atomic: threads may share it
-        # Replica -> when it may be tried again (time.monotonic()).
+        # Replica -> when it may be tried again, by the clock.
         self._cooling: dict[Engine, float] = {}
+        self.clock = time.monotonic
         self._lock = threading.Lock()
 
     def next_replica(self) -> Engine:
@@ -79,7 +80,7 @@ class Router:
 
     def _cooled(self, replica: Engine) -> bool:
         until = self._cooling.get(replica)
-        if until is not None and time.monotonic() < until:
+        if until is not None and self.clock() < until:
             return False
         self._cooling.pop(replica, None)
         return True
@@ -87,8 +88,9 @@ class Router:
     def unreachable(self, replica: Engine, error: Exception) -> Engine:
         """*replica* could not be connected to: cool it down (warning once) and return the engine to read from now."""
         with self._lock:
-            warn = replica not in self._cooling or time.monotonic() >= self._cooling[replica]
-            self._cooling[replica] = time.monotonic() + self.cooldown
+            now = self.clock()
+            warn = replica not in self._cooling or now >= self._cooling[replica]
+            self._cooling[replica] = now + self.cooldown
         if warn:
             logger.warning(
                 "The replica %s could not be reached (%s: %s); reads skip it for %s s and go to another replica, "

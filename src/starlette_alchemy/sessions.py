@@ -107,7 +107,8 @@ class _ScopeSession(Session):
         if state is not None:
             if state.sealed:
                 raise _sealed_error(state)
-            _note_blocking(state)
+            if state.loop_thread is not None:
+                _note_blocking(state)
         super().commit()
         if state is not None:
             state.wrote = False  # what the transaction wrote is committed
@@ -127,7 +128,8 @@ class _ScopeSession(Session):
                 # What runs on the raw connection may write: what it leaves open is rolled back, with a warning.
                 state.raw_sql = True
             state.wrote = True
-            _note_blocking(state)
+            if state.loop_thread is not None:
+                _note_blocking(state)
             if state.characteristics is not None:
                 due = _due_characteristics(self, state, _target(self, state, kw.get("bind_arguments")))
                 if due is not None:
@@ -252,7 +254,8 @@ def _refuse_flush(session: Session, flush_context: Any, instances: Any) -> None:
     state: _Scope | None = session.info.get(_STATE_KEY)
     if state is not None:
         _refuse_writes(state)
-        _note_blocking(state)
+        if state.loop_thread is not None:
+            _note_blocking(state)
         state.wrote = True
         _characterize(session, state)
 
@@ -263,7 +266,8 @@ def _check_statement(execute_state: ORMExecuteState) -> None:
     state: _Scope | None = session.info.get(_STATE_KEY)
     if state is None:
         return
-    _note_blocking(state)
+    if state.loop_thread is not None:
+        _note_blocking(state)
     if state.ended:
         raise NoActiveScopeError(_ENDED)
     statement = execute_state.statement
