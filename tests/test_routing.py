@@ -1,7 +1,7 @@
 """Read replicas: which database serves each read and write, the read-your-writes cookie, and dead replicas.
 
 The replica is a real second database (a second SQLite file, or a database
-created on the PostgreSQL server), with the same tables and a marker row of
+created on the PostgreSQL or MariaDB server), with the same tables and a marker row of
 its own: every read says which database served it. Writes go to the primary
 only, so "replication lag" is simply that the replica never sees them.
 """
@@ -23,6 +23,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -30,16 +31,32 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Message
 from starlette.websockets import WebSocket
 
-from starlette_alchemy import AsyncScopedSession, Changes, DBSessionMiddleware, ScopedSession, transaction
+from starlette_alchemy import (
+    AsyncScopedSession,
+    Changes,
+    DBSessionMiddleware,
+    ScopedSession,
+    SessionSealedError,
+    transaction,
+)
 from starlette_alchemy.routing import COOKIE
 from starlette_alchemy.testing import arolled_back, rolled_back
-from tests.conftest import POSTGRES_BACKENDS, POSTGRES_URL, SQLITE_BACKENDS, Backend, checked_out, engine_for
+from tests.conftest import (
+    MYSQL_BACKENDS,
+    MYSQL_URL,
+    POSTGRES_BACKENDS,
+    POSTGRES_URL,
+    SQLITE_BACKENDS,
+    Backend,
+    checked_out,
+    engine_for,
+)
 from tests.models import Base, Item
 from tests.support import AnyDB, http_client, run, scope
 
 pytestmark = pytest.mark.anyio
 
-ROUTING_BACKENDS = SQLITE_BACKENDS + (POSTGRES_BACKENDS if POSTGRES_URL else [])
+ROUTING_BACKENDS = SQLITE_BACKENDS + (POSTGRES_BACKENDS if POSTGRES_URL else []) + (MYSQL_BACKENDS if MYSQL_URL else [])
 MARKERS = ("primary", "replica")
 
 
@@ -474,6 +491,35 @@ async def test_with_every_replica_down_reads_go_to_the_primary(
         await _dispose(dead)
 
 
+async def test_a_replica_whose_pool_is_exhausted_is_skipped_too(
+    backend: Backend,
+    tmp_path: Path,
+    engine: Engine | AsyncEngine,
+    replica_database: str | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    directory = tmp_path / "replica" if replica_database is None else tmp_path
+    pool: dict[str, Any] = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.2}
+    async with engine_for(backend, directory, database=replica_database, **pool) as replica:
+        db = routed(engine, [replica])
+
+        async def held(request: Request) -> Response:
+            served = await marker(db)
+            await asyncio.sleep(0.5)  # its transaction, so its connection, stays open meanwhile
+            return JSONResponse(served)
+
+        app = app_for(db)
+        app.router.routes.append(Route("/held", held))
+        async with http_client(app, "asgi") as client:
+            responses = await asyncio.gather(*(client.get("/held") for _ in range(4)))
+        served = sorted(response.json() for response in responses)
+        assert served == ["primary", "primary", "primary", "replica"]
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and "had no free connection in its pool" in warnings[0], warnings
+        assert "Size its engine's pool to the concurrency" in warnings[0]
+    assert checked_out(engine) == 0
+
+
 async def test_a_replica_that_connects_then_fails_is_no_unreachable_replica(
     engine: Engine | AsyncEngine, replica: Engine | AsyncEngine, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -542,6 +588,29 @@ async def test_hooks_collectors_and_stats_see_both_databases(
     assert persistent == ["tracked"]
     assert queries == 2  # the read on the replica, the INSERT on the primary
     assert [[change.obj.name for change in changes.inserted] for changes in seen] == [["tracked"]]
+
+
+async def test_the_sealed_session_still_reads_its_replica_and_refuses_writes(
+    engine: Engine | AsyncEngine, replica: Engine | AsyncEngine
+) -> None:
+    db = routed(engine, [replica])
+    after: list[Any] = []
+
+    async def late() -> None:
+        after.append(await marker(db))  # after the response started: reads still work, on the same replica
+        try:
+            await write(db, "late")
+        except SessionSealedError as exc:
+            after.append(type(exc).__name__)
+
+    async def sealed(request: Request) -> Response:
+        return JSONResponse(await marker(db), background=BackgroundTask(late))
+
+    app = app_for(db)
+    app.router.routes.append(Route("/sealed", sealed))
+    async with http_client(app, "asgi") as client:
+        assert (await client.get("/sealed")).json() == "replica"
+    assert after == ["replica", "SessionSealedError"]
 
 
 async def test_the_testing_kit_sends_everything_to_its_one_connection(

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import Select, TextClause
 
@@ -92,13 +93,17 @@ class Router:
             warn = replica not in self._cooling or now >= self._cooling[replica]
             self._cooling[replica] = now + self.cooldown
         if warn:
+            busy = isinstance(error, PoolTimeoutError)  # the pool's own timeout: no connection was free
             logger.warning(
-                "The replica %s could not be reached (%s: %s); reads skip it for %s s and go to another replica, "
-                "or to the primary. Check that it is up and its URL is right.",
+                "The replica %s %s (%s: %s); reads skip it for %s s and go to another replica, or to the primary. %s",
                 _name(replica),
+                "had no free connection in its pool" if busy else "could not be reached",
                 type(error).__name__,
                 _first_line(error),
                 self.cooldown,
+                "Size its engine's pool to the concurrency (pool_size, max_overflow)."
+                if busy
+                else "Check that it is up and its URL is right.",
             )
         return self.next_replica()
 
