@@ -52,7 +52,16 @@ from tests.conftest import (
     engine_for,
 )
 from tests.models import Base, Item
-from tests.support import AnyDB, http_client, run, scope
+from tests.support import (
+    AnyDB,
+    OuterTimeout,
+    delay_commit,
+    http_client,
+    idle_in_transaction,
+    run,
+    scope,
+    slow_commits,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -518,6 +527,37 @@ async def test_a_replica_whose_pool_is_exhausted_is_skipped_too(
         assert len(warnings) == 1 and "had no free connection in its pool" in warnings[0], warnings
         assert "Size its engine's pool to the concurrency" in warnings[0]
     assert checked_out(engine) == 0
+
+
+async def test_a_routed_request_cancelled_mid_commit_completes_it_on_both_databases(
+    engine: Engine | AsyncEngine,
+    replica: Engine | AsyncEngine,
+    inspection_engine: Engine,
+    replica_engine: Engine,
+) -> None:
+    # The scope holds a transaction on the replica (its read) and one on the primary (its write) when
+    # a timeout cancels it during COMMIT: the COMMIT completes, and both connections go back to their pools.
+    db = routed(engine, [replica])
+
+    async def cancelled(request: Request) -> Response:
+        before = await marker(db)
+        await write(db, "committed anyway")
+        await delay_commit(db, 1.0)  # the primary's COMMIT answers late
+        return JSONResponse(before)
+
+    app = app_for(db)
+    app.router.routes.append(Route("/cancelled", cancelled))
+    with slow_commits(engine):
+        async with http_client(OuterTimeout(app, seconds=0.3, kind="asyncio"), "uvicorn") as client:
+            assert (await client.get("/cancelled")).status_code == 504
+            await asyncio.sleep(1.2)  # the COMMIT's own time
+            # The 504 came from the timeout, not from the app's response: no cookie came with it.
+            assert COOKIE not in client.cookies
+            assert (await client.get("/where")).json() == "replica"
+    assert names(inspection_engine) == {"committed anyway"}
+    assert names(replica_engine) == set()
+    assert idle_in_transaction(inspection_engine) == idle_in_transaction(replica_engine) == 0
+    assert checked_out(engine) == checked_out(replica) == 0
 
 
 async def test_a_replica_that_connects_then_fails_is_no_unreachable_replica(

@@ -38,3 +38,8 @@ class NPlusOneError(StarletteAlchemyError):
 
 class TrackingDisabledError(StarletteAlchemyError):
     """A registry was asked for what it does not keep: changes (``track_changes=False``) or ``stats=False``."""
+
+
+def first_line(error: BaseException | None) -> str:
+    """The first line of an error's message, for one-line logs (SQLAlchemy adds a second one with a link)."""
+    return (str(error).splitlines() or [""])[0]

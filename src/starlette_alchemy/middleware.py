@@ -12,7 +12,7 @@ from sqlalchemy.orm import sessionmaker
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .exceptions import CommitFailedError
+from .exceptions import CommitFailedError, first_line
 from .observe import server_timing
 from .policy import route_policy
 from .routing import METHOD_PIN, RequestReads, cookie_header, request_reads
@@ -154,14 +154,13 @@ class DBSessionMiddleware:
         if response is None:
             logger.error("%s The client gets a 500.", exc, exc_info=True)
             raise exc
-        # Name the error itself, on one line (SQLAlchemy adds a second one with a link).
+        # Name the error itself, on one line.
         cause = exc.__cause__
-        first_line = (str(cause).splitlines() or [""])[0]
         logger.info(
             "%s The error: %s: %s. 'on_commit_failure' answered %d.",
             exc,
             type(cause).__name__,
-            first_line,
+            first_line(cause),
             response.status_code,
         )
         await response(scope, receive, send)

@@ -24,6 +24,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import Select, TextClause
 
+from .exceptions import first_line
 from .policy import Policy
 
 __all__ = ["COOKIE", "RequestReads", "Route", "Router"]
@@ -99,7 +100,7 @@ class Router:
                 _name(replica),
                 "had no free connection in its pool" if busy else "could not be reached",
                 type(error).__name__,
-                _first_line(error),
+                first_line(error),
                 self.cooldown,
                 "Size its engine's pool to the concurrency (pool_size, max_overflow)."
                 if busy
@@ -179,8 +180,11 @@ def _locks(clause: object) -> bool:
 # -- the registry's options ------------------------------------------------------------------
 
 
-def router_for(bind: object, replicas: object, cooldown: object, registry: str) -> Router | None:
-    """The ``Router`` of a registry created with *replicas*, or ``None`` without any; wrong ones are refused."""
+def router_for(factory: Any, replicas: object, cooldown: object, registry: str) -> Router | None:
+    """The ``Router`` of a registry whose session *factory* is given, created with *replicas*, or ``None`` without any.
+
+    Wrong replicas are refused, as is a factory bound to no single engine.
+    """
     if replicas is None:
         return None
     if isinstance(replicas, Engine | AsyncEngine | str) or not isinstance(replicas, Iterable):
@@ -190,7 +194,8 @@ def router_for(bind: object, replicas: object, cooldown: object, registry: str) 
         return None  # no replica configured (a development set-up, say): every statement goes to the primary
     if isinstance(cooldown, bool) or not isinstance(cooldown, int | float) or not cooldown >= 0:
         raise ValueError(f"'replica_cooldown' must be a number of seconds, 0 or more; got {cooldown!r}.")
-    primary = _primary_engine(bind, registry)
+    bound = factory.kw.get("bind")
+    primary = _primary_engine(bound, registry)
     kind = Engine if registry == "ScopedSession" else AsyncEngine
     engines: list[Engine] = []
     for index, replica in enumerate(replicas):
@@ -207,12 +212,11 @@ def router_for(bind: object, replicas: object, cooldown: object, registry: str) 
         engines.append(engine)
     if len(set(engines)) != len(engines):
         raise ValueError("'replicas' names the same engine twice; give each replica once.")
-    return Router(bind.kw.get("bind") if hasattr(bind, "kw") else bind, primary, engines, float(cooldown))
+    return Router(bound, primary, engines, float(cooldown))
 
 
-def _primary_engine(bind: object, registry: str) -> Engine:
-    """The primary's (sync) engine: the registry's engine, or the one its session factory is bound to."""
-    engine = getattr(bind, "kw", {}).get("bind") if hasattr(bind, "kw") else bind
+def _primary_engine(engine: object, registry: str) -> Engine:
+    """The primary's (sync) engine, from what the registry's session factory is bound to."""
     if isinstance(engine, AsyncEngine):
         return engine.sync_engine
     if isinstance(engine, Engine):
@@ -229,10 +233,6 @@ def _an(kind: type) -> str:
 
 def _name(engine: Engine) -> str:
     return f"'{engine.url.render_as_string(hide_password=True)}'"
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).splitlines() or [""])[0]
 
 
 # -- the middleware's side: the method, and the read-your-writes cookie ------------------------
