@@ -11,7 +11,9 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from fastapi import Depends, FastAPI
+from pydantic import BaseModel
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
@@ -20,6 +22,7 @@ from starlette_alchemy import (
     AsyncScopedSession,
     DBSessionMiddleware,
     NoActiveScopeError,
+    Retry,
     ScopedSession,
     SessionSealedError,
     StarletteAlchemyError,
@@ -28,6 +31,7 @@ from starlette_alchemy.fastapi import CollectorDep, SessionDep, SyncSessionDep
 from tests.conftest import ASYNC_BACKENDS, SYNC_BACKENDS
 from tests.models import Item
 from tests.support import AnyDB, committed_names, http_client
+from tests.test_replay import CONFLICT, transient
 
 pytestmark = pytest.mark.anyio
 
@@ -186,3 +190,57 @@ def test_the_package_imports_without_fastapi() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "fastapi.py needs fastapi\n"
+
+
+class Transfer(BaseModel):
+    name: str
+    amount: int
+
+
+@pytest.mark.parametrize("backend", ASYNC_BACKENDS, indirect=True, ids=lambda b: b.id)
+async def test_a_replayed_request_gets_its_json_body_and_dependencies_again(
+    db: AsyncScopedSession[AsyncSession], inspection_engine: Engine
+) -> None:
+    received: list[Transfer] = []
+    sessions: list[AsyncSession] = []
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, db=db, retry=Retry(retry_on=transient))
+
+    @app.post("/transfers")
+    async def transfer(body: Transfer, session: SessionDep) -> dict[str, int]:
+        received.append(body)
+        sessions.append(session)
+        session.add(Item(name=f"{body.name} {len(received)}"))
+        if len(received) == 1:
+            await session.execute(sa.text(CONFLICT[session.get_bind().dialect.name]))
+        return {"attempts": len(received)}
+
+    payload = {"name": "café ☕", "amount": 10}
+    async with http_client(app, "asgi") as client:
+        response = await client.post("/transfers", json=payload)
+    assert response.status_code == 200 and response.json() == {"attempts": 2}
+    assert [body.model_dump() for body in received] == [payload, payload]
+    assert sessions[0] is not sessions[1]  # a fresh scope, so a fresh session
+    assert committed_names(inspection_engine) == {"café ☕ 2"}
+
+
+@pytest.mark.parametrize("backend", SYNC_BACKENDS, indirect=True, ids=lambda b: b.id)
+async def test_a_replayed_sync_path_function_runs_again_in_a_thread(
+    db: ScopedSession[Session], inspection_engine: Engine
+) -> None:
+    received: list[Transfer] = []
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, db=db, retry=Retry(retry_on=transient))
+
+    @app.put("/transfers")
+    def transfer(body: Transfer, session: SyncSessionDep) -> dict[str, int]:
+        received.append(body)
+        session.add(Item(name=f"{body.name} {len(received)}"))
+        if len(received) == 1:
+            session.execute(sa.text(CONFLICT[session.get_bind().dialect.name]))
+        return {"attempts": len(received)}
+
+    async with http_client(app, "asgi") as client:
+        response = await client.put("/transfers", json={"name": "sync", "amount": 1})
+    assert response.status_code == 200 and response.json() == {"attempts": 2}
+    assert committed_names(inspection_engine) == {"sync 2"}

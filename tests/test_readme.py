@@ -48,6 +48,7 @@ def test_the_readme_has_the_blocks_this_test_expects() -> None:
         "stats",
         "otel",
         "replicas",
+        "retry",
         None,
     }
 

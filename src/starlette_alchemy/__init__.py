@@ -14,6 +14,7 @@ from .lifecycle import Collector
 from .middleware import DBSessionMiddleware
 from .observe import ScopeStats
 from .policy import transaction
+from .retry import Retry, is_retryable
 from .scoped import AsyncScopedSession, ContextVarRegistry, ScopedSession
 
 __all__ = [
@@ -27,11 +28,13 @@ __all__ = [
     "NPlusOneError",
     "NoActiveScopeError",
     "ReadOnlyTransactionError",
+    "Retry",
     "ScopeStats",
     "ScopedSession",
     "SessionSealedError",
     "StarletteAlchemyError",
     "TrackingDisabledError",
     "UNKNOWN",
+    "is_retryable",
     "transaction",
 ]

@@ -21,7 +21,14 @@ class NoActiveScopeError(StarletteAlchemyError):
 
 
 class CommitFailedError(StarletteAlchemyError):
-    """COMMIT failed after the handler finished; chained from the database error."""
+    """COMMIT failed after the handler finished; chained from the database error.
+
+    ``committed`` names the request's other databases that had committed already (several registries).
+    """
+
+    def __init__(self, message: str, committed: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.committed = committed
 
 
 class SessionSealedError(StarletteAlchemyError):

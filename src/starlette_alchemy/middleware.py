@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .exceptions import CommitFailedError, first_line
 from .observe import server_timing
 from .policy import route_policy
+from .retry import ATTEMPT_KEY, Attempt, Retry, replay, watch_errors
 from .routing import METHOD_PIN, RequestReads, cookie_header, request_reads
 from .scoped import AsyncScopedSession, ScopedSession
 from .settle import (
@@ -66,6 +67,7 @@ class DBSessionMiddleware:
         server_timing: bool = False,
         read_your_writes: float | None = 5.0,
         replica_methods: Iterable[str] = ("GET", "HEAD", "OPTIONS"),
+        retry: Retry | None = None,
     ) -> None:
         self.app = app
         self.registries = _registries(db)
@@ -86,12 +88,21 @@ class DBSessionMiddleware:
         if not isinstance(server_timing, bool):
             raise TypeError(f"'server_timing' must be True or False; got {server_timing!r}.")
         self.server_timing = server_timing
+        if retry is not None and not isinstance(retry, Retry):
+            raise TypeError(f"'retry' must be a Retry, such as 'Retry(attempts=3)', or None; got {retry!r}.")
+        self.retry = retry
+        if retry is not None:
+            # An exception handler may turn a conflict into a 5xx: the attempt learns of it from its connections.
+            watch_errors(engine for registry in self.registries for engine in _engines(registry))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # HTTP is handled here rather than in a method of its own: one coroutine
         # less per request is a measurable share of a request that never uses the database.
         if scope["type"] != "http":
             await self._not_http(scope, receive, send)
+            return
+        if self.retry is not None and ATTEMPT_KEY not in scope:
+            await replay(self.retry, self, scope, receive, send)  # which calls back here for each attempt
             return
         scope[SCOPE_KEY] = self.registries
         reads = request_reads(scope, self.replica_methods, self.read_your_writes) if self.routed else None
@@ -114,6 +125,8 @@ class DBSessionMiddleware:
             try:
                 await self.app(scope, receive, send_after_settling)
             except CommitFailedError as exc:
+                if self.retry is not None and _replays(scope, exc):
+                    raise  # the request runs again; its last attempt's failure is answered as without retry
                 await self._answer_commit_failure(exc, scope, receive, send)
         except BaseException as exc:
             await end(opened, error=exc)
@@ -130,10 +143,13 @@ class DBSessionMiddleware:
         status = message["status"]
         policy = route_policy(scope)
         if policy is None:
-            await commit_or_roll_back(opened, status=status, commit=self.commit_on(status))
+            commit = self.commit_on(status)
+            await commit_or_roll_back(opened, status=status, commit=commit)
         else:
             commit = not policy.manual and (policy.commit_on or self.commit_on)(status)
             await commit_or_roll_back(opened, status=status, commit=commit, manual=policy.manual)
+        if self.retry is not None and commit:
+            _note_commit(scope)  # a 5xx that committed (its route's commit_on) is never replayed
         if self.server_timing:
             message = _with_server_timing(message, opened)
         if reads is not None:
@@ -212,6 +228,27 @@ def _got(value: object) -> str:
     else:
         fix = ""
     return f"got {value!r} ({type(value).__name__}).{fix}"
+
+
+def _engines(registry: AnyScopedSession) -> list[Engine | AsyncEngine]:
+    """The engines a registry's sessions connect to: its bind (or binds), and its replicas."""
+    options = registry.session_factory.kw
+    binds = [options.get("bind"), *(options.get("binds") or {}).values()]
+    router = registry.registry.router
+    if router is not None:
+        binds += router.replicas
+    return [bind for bind in binds if isinstance(bind, Engine | AsyncEngine)]
+
+
+def _replays(scope: Scope, error: CommitFailedError) -> bool:
+    attempt: Attempt | None = scope.get(ATTEMPT_KEY)
+    return attempt is not None and attempt.replays(error)
+
+
+def _note_commit(scope: Scope) -> None:
+    attempt: Attempt | None = scope.get(ATTEMPT_KEY)
+    if attempt is not None:
+        attempt.committed = True
 
 
 def _window(seconds: object) -> float | None:

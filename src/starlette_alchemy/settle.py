@@ -168,7 +168,7 @@ async def _commit(state: ScopeState[Any], session: Session | AsyncSession, commi
         where = _describe(session)
         already = f" after {', '.join(committed)} had already committed" if committed else ""
         message = f"COMMIT failed on {where}{already}; the handler's response was not sent."
-        raise CommitFailedError(message) from exc
+        raise CommitFailedError(message, tuple(committed)) from exc
 
 
 @contextmanager
