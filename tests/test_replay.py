@@ -8,6 +8,7 @@ requests, through uvicorn, are in test_conflicts.py.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -41,6 +42,7 @@ from starlette_alchemy import (
     transaction,
 )
 from starlette_alchemy.retry import MAX_DELAY
+from starlette_alchemy.sessions import _ScopeSession
 from tests.conftest import (
     BACKENDS,
     COMMIT_FAILURE_BACKENDS,
@@ -666,3 +668,45 @@ async def test_a_retry_on_that_raises_leaves_the_request_s_own_error(
     assert "'retry_on' raised on OperationalError; the request is not replayed." in caplog.text
     assert "no such table: conflict_stand_in" in caplog.text  # what the app raised is what reaches the server
     assert checked_out(engine) == 0
+
+
+@pytest.mark.parametrize("backend", SQLITE_BACKENDS, indirect=True, ids=lambda b: b.id)
+async def test_a_5xx_its_route_committed_is_not_replayed(
+    db: AnyDB, engine: Engine | AsyncEngine, inspection_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    runs: list[int] = []
+
+    @transaction(commit_on=lambda status: True)
+    async def endpoint(request: Request) -> Response:
+        runs.append(1)
+        db.add(Item(name=f"run {len(runs)}"))
+        try:
+            await conflict(db)
+        except DBAPIError:
+            pass  # answered below, and committed all the same
+        return PlainTextResponse("busy", status_code=503)
+
+    caplog.set_level(logging.DEBUG, "starlette_alchemy")
+    async with http_client(app_with(db, endpoint), "asgi") as client:
+        assert (await client.post("/")).status_code == 503
+    assert runs == [1]
+    assert committed_names(inspection_engine) == {"run 1"}
+    assert "not replayed: a database had already committed its transaction" in caplog.text
+    assert checked_out(engine) == 0
+
+
+async def test_a_replayed_request_keeps_no_session_alive(db: AnyDB, engine: Engine | AsyncEngine) -> None:
+    runs: list[int] = []
+
+    async def endpoint(request: Request) -> Response:
+        runs.append(1)
+        db.add(Item(name=f"run {len(runs)}"))
+        await run(db.flush)
+        if len(runs) == 1:
+            await conflict(db)  # its traceback holds the first attempt's session
+        return PlainTextResponse("ok")
+
+    async with http_client(app_with(db, endpoint), "asgi") as client:
+        assert (await client.post("/")).status_code == 200
+    gc.collect()
+    assert [session for session in gc.get_objects() if isinstance(session, _ScopeSession)] == []

@@ -2,12 +2,14 @@
 
 5,000 requests, 50 at a time, mixing 2xx writes, 4xx after a flush,
 exceptions, COMMIT failures (a deferred foreign key), streams the client walks
-away from, fire-and-forget tasks that call ``db()`` after the response, and an
-outer timeout that cancels some requests while their COMMIT is in flight.
+away from, fire-and-forget tasks that call ``db()`` after the response, an
+outer timeout that cancels some requests while their COMMIT is in flight, and
+requests whose first attempt meets a conflict and is replayed (``Retry``).
 Afterwards: every row belongs to a request whose COMMIT succeeded, every 2xx
 write is there, the log names each committed request whose client got the
-timeout's 504, each committed scope's ``on_commit`` ran exactly once, and no
-connection, session or idle PostgreSQL transaction is left.
+timeout's 504, each committed scope's ``on_commit`` ran exactly once, each
+replayed request ran twice and wrote once, and no connection, session or idle
+PostgreSQL transaction is left.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from starlette_alchemy import DBSessionMiddleware, NoActiveScopeError
+from starlette_alchemy import DBSessionMiddleware, NoActiveScopeError, Retry
 from starlette_alchemy.sessions import _ScopeSession
 from tests.conftest import Backend, checked_out, engine_for
 from tests.models import Base, Item, Note
@@ -51,25 +53,30 @@ from tests.support import (
     serve,
     slow_commits,
 )
+from tests.test_replay import conflict, transient
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 REQUESTS = 5000
 CONCURRENCY = 50
 # One kind of request for each fault, in turn; "slow" ones are cancelled by the outer timeout mid-COMMIT.
-KINDS = ["ok", "bad", "ok", "crash", "ok", "dangling", "ok", "stream", "ok", "forget", "ok", "slow"]
+KINDS = ["ok", "bad", "ok", "crash", "ok", "dangling", "ok", "stream", "ok", "forget", "ok", "slow", "ok", "conflict"]
 FORGOTTEN = sum(1 for n in range(REQUESTS) if KINDS[n % len(KINDS)] == "forget")
 TIMEOUT = 0.5  # what the outer middleware allows a "slow" request
 COMMIT_DELAY = 1.0  # how late a "slow" request's COMMIT answers
 
 
-def soak_app(db: AnyDB, ran: list[str], forgotten: list[BaseException]) -> ASGIApp:
+def soak_app(db: AnyDB, ran: list[str], forgotten: list[BaseException], attempts: Counter[str]) -> ASGIApp:
     tasks: set[asyncio.Task[None]] = set()
 
     async def write(request: Request) -> Response:
         kind, name = request.path_params["kind"], request.path_params["name"]
+        attempts[name] += 1
         db.add(Item(name=name))
         db.on_commit(lambda: ran.append(name))
+        if kind == "conflict" and attempts[name] == 1:
+            await run(db.flush)
+            await conflict(db)  # replayed: the second attempt writes the same row, once
         if kind == "slow":
             await delay_commit(db, COMMIT_DELAY)
         elif kind == "dangling":
@@ -103,7 +110,7 @@ def soak_app(db: AnyDB, ran: list[str], forgotten: list[BaseException]) -> ASGIA
         return StreamingResponse(body())
 
     routes = [Route("/write/{kind}/{name}", write, methods=["POST"]), Route("/stream/{name}", stream)]
-    app = MarksTheEnd(DBSessionMiddleware(Starlette(routes=routes), db=db))
+    app = MarksTheEnd(DBSessionMiddleware(Starlette(routes=routes), db=db, retry=Retry(retry_on=transient)))
     return OnlySlowTimesOut(app, OuterTimeout(app, seconds=TIMEOUT, kind="asyncio"))
 
 
@@ -200,10 +207,11 @@ async def test_soak_through_uvicorn_accounts_for_every_write(
 ) -> None:
     ran: list[str] = []
     forgotten: list[BaseException] = []
+    attempts: Counter[str] = Counter()
     statuses: dict[str, int] = {}
     limit = anyio.CapacityLimiter(CONCURRENCY)
     with slow_commits(engine), captured_messages("starlette_alchemy") as messages:
-        async with serve(soak_app(db, ran, forgotten)) as url:
+        async with serve(soak_app(db, ran, forgotten, attempts)) as url:
             # Hundreds of "Exception in ASGI application", by design: printed, they would bury a failure's report.
             logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
             limits = httpx.Limits(max_connections=CONCURRENCY)
@@ -234,7 +242,7 @@ async def test_soak_through_uvicorn_accounts_for_every_write(
 
     rows = committed_names(inspection_engine)
     kinds = Counter(name.split("-")[0] for name in rows)
-    assert set(kinds) <= {"ok", "forget", "slow"}, f"rows of requests that did not commit: {kinds}"
+    assert set(kinds) <= {"ok", "forget", "slow", "conflict"}, f"rows of requests that did not commit: {kinds}"
     # Every 2xx write is there; no row without a 2xx, except the timed-out ones that the log names.
     answered = {name for name, status in statuses.items() if status == 201}
     timed_out = {name for name, status in statuses.items() if status == 504}
@@ -248,6 +256,11 @@ async def test_soak_through_uvicorn_accounts_for_every_write(
     # Each committed scope's on_commit ran exactly once, and no other.
     assert Counter(ran) == Counter(rows)
     assert len(forgotten) == FORGOTTEN
+    # Each conflict was replayed once, and its second attempt alone wrote; nothing else ran twice.
+    replayed = {name for name in statuses if name.startswith("conflict")}
+    assert {statuses[name] for name in replayed} == {201} and replayed <= rows
+    assert {name for name, count in attempts.items() if count > 1} == replayed
+    assert {attempts[name] for name in replayed} == {2}
     assert {statuses[n] for n in statuses if n.startswith(("bad", "crash", "dangling"))} == {409, 500}
     assert checked_out(engine) == 0
     assert idle_in_transaction(inspection_engine) == 0

@@ -148,7 +148,7 @@ class DBSessionMiddleware:
         else:
             commit = not policy.manual and (policy.commit_on or self.commit_on)(status)
             await commit_or_roll_back(opened, status=status, commit=commit, manual=policy.manual)
-        if self.retry is not None and commit:
+        if commit and status >= 500 and self.retry is not None:
             _note_commit(scope)  # a 5xx that committed (its route's commit_on) is never replayed
         if self.server_timing:
             message = _with_server_timing(message, opened)

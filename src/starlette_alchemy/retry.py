@@ -174,7 +174,7 @@ class Attempt:
     def _may_replay(self, error: BaseException, status: int | None = None) -> bool:
         why_not = self._why_not(error)
         request = _request(self.scope)
-        what = f"{type(error).__name__}: {first_line(error)}"
+        what = _describe(error)
         if status is not None:
             what = f"a {status} made of {what}"
         if why_not is None:
@@ -224,6 +224,14 @@ _EXHAUSTED = "no attempt is left"
 def _partly_committed(error: BaseException) -> bool:
     """True if *error* is (or wraps) a COMMIT that failed after another database had committed."""
     return any(isinstance(current, CommitFailedError) and current.committed for current in _chain(error))
+
+
+def _describe(error: BaseException) -> str:
+    """Name an error on one line: a failed COMMIT by the database's own error."""
+    cause = error.__cause__
+    if isinstance(error, CommitFailedError) and cause is not None:
+        return f"a failed COMMIT ({type(cause).__name__}: {first_line(cause).rstrip('.')})"
+    return f"{type(error).__name__}: {first_line(error).rstrip('.')}"
 
 
 def _request(scope: Scope) -> str:
@@ -306,6 +314,9 @@ async def replay(retry: Retry, app: ASGIApp, scope: Scope, receive: Receive, sen
                 raise
         finally:
             _current.reset(token)
+            # Copies of the attempt's context outlive it (an idle worker thread keeps its last one):
+            # the errors it noted must not keep their tracebacks, and the sessions in them, alive.
+            attempt.errors.clear()
         # The attempt's sessions are closed and its scopes ended: nothing of it is left but the wait.
         await anyio.sleep(retry.delay(number))
         number += 1
