@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo serve bench bench-lifecycle bench-policy bench-observe bench-routing clean
+.PHONY: test lint demo serve bench bench-lifecycle bench-policy bench-observe bench-routing bench-retry clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ bench-observe: $(STAMP)
 # What reading from a replica costs (issue 16).
 bench-routing: $(STAMP)
 	$(BIN)/python -m bench.routing $(BENCH_ARGS)
+
+# What replaying requests costs without conflicts, and what it buys with them (issue 17).
+bench-retry: $(STAMP)
+	$(BIN)/python -m bench.retry $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .coverage .mypy_cache .pytest_cache .ruff_cache

@@ -14,8 +14,11 @@ import sqlalchemy as sa
 from starlette.types import ASGIApp, Message
 
 
-async def request(app: ASGIApp, method: str = "GET", path: str = "/") -> int:
-    """Call *app* directly with a hand-built HTTP scope; return the response status (500 if the app raised)."""
+async def request(app: ASGIApp, method: str = "GET", path: str = "/", body: bytes = b"") -> int:
+    """Call *app* directly with a hand-built HTTP scope; return the response status (500 if the app raised).
+
+    A *body* is sent in one message, as JSON, with its length; without one, the request has no headers.
+    """
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -26,14 +29,14 @@ async def request(app: ASGIApp, method: str = "GET", path: str = "/") -> int:
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [],
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))] if body else [],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
     }
     status = 0
 
     async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message: Message) -> None:
         nonlocal status

@@ -21,8 +21,8 @@ class Row(Base):
     value: Mapped[int] = mapped_column(default=0)
 
 
-def recreate(url: str) -> None:
-    """Drop and create the table on *url*'s database (through a sync driver), with one row, id 1, to read.
+def recreate(url: str, rows: int = 1) -> None:
+    """Drop and create the table on *url*'s database (through a sync driver), with *rows* rows, id 1 the first.
 
     The table is dropped again when the process exits: a benchmark leaves the database as it found it.
     """
@@ -31,7 +31,7 @@ def recreate(url: str) -> None:
     Base.metadata.drop_all(engine)
     Base.metadata.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(sa.insert(Row), [{"name": "seed"}])
+        conn.execute(sa.insert(Row), [{"name": "seed"}] * rows)
     engine.dispose()
     if sync_url not in _created:
         _created.add(sync_url)

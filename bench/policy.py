@@ -63,10 +63,22 @@ def _git(*args: str) -> str:
         raise SystemExit(message) from exc
 
 
-def app(package: Any, kind: str, url: str, engines: list[Any], *, read_only: bool = False, **options: Any) -> ASGIApp:
+def app(
+    package: Any,
+    kind: str,
+    url: str,
+    engines: list[Any],
+    *,
+    read_only: bool = False,
+    json_body: bool = False,
+    middleware: dict[str, Any] | None = None,
+    **options: Any,
+) -> ASGIApp:
     """w1 reads a row by primary key, w2 inserts one, on *package*'s middleware and registry (given *options*).
 
-    ``read_only`` marks w1. Its engine goes in *engines*, on the pool of the first one there (``on_shared_pool()``).
+    ``read_only`` marks w1; ``json_body`` makes w2 an ``async def`` that names its row from the request's JSON
+    body; *middleware* holds the middleware's options. Its engine goes in *engines*, on the pool of the first
+    one there (``on_shared_pool()``).
     """
     if kind == "async":
         async_engine = create_async_engine(url, **on_shared_pool(engines))
@@ -98,9 +110,16 @@ def app(package: Any, kind: str, url: str, engines: list[Any], *, read_only: boo
         routes = {"w1": w1_sync, "w2": w2_sync}
     if read_only:
         starlette_alchemy.transaction(read_only=True)(routes["w1"])
+    if json_body:
+        # Only an async endpoint reads a body; a sync registry's session may add there: adding does no I/O.
+        async def w2_json(request: Request) -> Response:
+            db.add(Row(name=(await request.json())["name"]))
+            return ok()
+
+        routes["w2"] = w2_json
     return Starlette(
         routes=[Route(f"/{name}", endpoint, methods=["GET", "POST"]) for name, endpoint in routes.items()],
-        middleware=[Middleware(package.DBSessionMiddleware, db=db)],
+        middleware=[Middleware(package.DBSessionMiddleware, db=db, **(middleware or {}))],
     )
 
 

@@ -2,7 +2,7 @@
 
 ``BENCH_VARIANT=ours-on BENCH_KIND=async BENCH_URL=sqlite+aiosqlite:///bench.db
 python -m uvicorn bench.serve:app --factory`` serves one of the variants of
-``bench.requests.VARIANTS`` (``bare``, ``pass``, ``hand``, ``ours-off``, ``ours-on``, ``ours-commit``).
+``bench.requests.VARIANTS`` (``bare``, ``pass``, ``hand``, ``same``, ``ours-off``, ``ours-on``, ``ours-commit``).
 """
 
 from __future__ import annotations
