@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .exceptions import CommitFailedError, first_line
 from .policy import route_policy
+from .registry import route_name
 
 __all__ = ["Retry", "is_retryable"]
 
@@ -173,7 +174,7 @@ class Attempt:
 
     def _may_replay(self, error: BaseException, status: int | None = None) -> bool:
         why_not = self._why_not(error)
-        request = _request(self.scope)
+        request = route_name(self.scope)
         what = _describe(error)
         if status is not None:
             what = f"a {status} made of {what}"
@@ -232,10 +233,6 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, CommitFailedError) and cause is not None:
         return f"a failed COMMIT ({type(cause).__name__}: {first_line(cause).rstrip('.')})"
     return f"{type(error).__name__}: {first_line(error).rstrip('.')}"
-
-
-def _request(scope: Scope) -> str:
-    return f"'{scope.get('method', '')} {scope.get('path', '')}'"
 
 
 class _Body:
@@ -317,6 +314,9 @@ async def replay(retry: Retry, app: ASGIApp, scope: Scope, receive: Receive, sen
             # Copies of the attempt's context outlive it (an idle worker thread keeps its last one):
             # the errors it noted must not keep their tracebacks, and the sessions in them, alive.
             attempt.errors.clear()
+            # The scope and the attempt refer to each other: without this, each request would be freed
+            # only by the cyclic garbage collector.
+            scope.pop(ATTEMPT_KEY, None)
         # The attempt's sessions are closed and its scopes ended: nothing of it is left but the wait.
         await anyio.sleep(retry.delay(number))
         number += 1
