@@ -22,7 +22,7 @@ from sqlalchemy.util import await_
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from starlette_alchemy import AsyncScopedSession, ScopedSession
+from starlette_alchemy import AsyncScopedSession, ScopedSession, is_retryable
 from tests.models import Item
 
 T = TypeVar("T")
@@ -201,3 +201,27 @@ def idle_in_transaction(inspection_engine: Engine, *, within: float = 5.0) -> in
         if count == 0 or time.monotonic() > deadline:
             return count
         time.sleep(0.05)
+
+
+# How each server raises an error with a given code, as a transaction that conflicted would.
+RAISE = {
+    "postgresql": "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '{code}'; END $$",
+    "mysql": "BEGIN NOT ATOMIC SIGNAL SQLSTATE '{state}' SET MYSQL_ERRNO = {code}, MESSAGE_TEXT = 'conflict'; END",
+}
+# A statement each database refuses with a transient error of its own making: a serialization failure, or
+# a deadlock; SQLite has none, so an error of its own stands in (see ``transient()``).
+CONFLICT = {
+    "postgresql": RAISE["postgresql"].format(code="40001"),
+    "mysql": RAISE["mysql"].format(state="40001", code=1213),
+    "sqlite": "SELECT * FROM conflict_stand_in",  # no such table
+}
+
+
+def transient(error: BaseException) -> bool:
+    """The tests' ``retry_on``: the drivers' transient errors, and SQLite's stand-in."""
+    return is_retryable(error) or "conflict_stand_in" in str(error)
+
+
+async def conflict(db: AnyDB) -> None:
+    """Run the statement the current scope's database refuses with a transient error."""
+    await run(db.execute, sa.text(CONFLICT[db.get_bind().dialect.name]))

@@ -32,17 +32,12 @@ from starlette.routing import Route
 
 from starlette_alchemy import AsyncScopedSession, Changes, DBSessionMiddleware, Retry, ScopedSession, transaction
 from tests.conftest import BACKENDS, Backend, checked_out, engine_for
-from tests.support import AnyDB, http_client, idle_in_transaction
+from tests.support import CONFLICT, AnyDB, http_client, idle_in_transaction
 
 pytestmark = pytest.mark.anyio
 
 POSTGRESQL = [backend for backend in BACKENDS if backend.dialect == "postgresql"]
 MYSQL = [backend for backend in BACKENDS if backend.dialect == "mysql"]
-# How each server raises a serialization failure, as a transaction that conflicted would.
-CONFLICT = {
-    "postgresql": "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$",
-    "mysql": "BEGIN NOT ATOMIC SIGNAL SQLSTATE '40001' SET MYSQL_ERRNO = 1213, MESSAGE_TEXT = 'conflict'; END",
-}
 # The longest any coordination in these tests waits, in seconds: nothing here can hang.
 WAIT = 10.0
 

@@ -30,8 +30,7 @@ from starlette_alchemy import (
 from starlette_alchemy.fastapi import CollectorDep, SessionDep, SyncSessionDep
 from tests.conftest import ASYNC_BACKENDS, SYNC_BACKENDS
 from tests.models import Item
-from tests.support import AnyDB, committed_names, http_client
-from tests.test_replay import CONFLICT, transient
+from tests.support import CONFLICT, AnyDB, committed_names, http_client, transient
 
 pytestmark = pytest.mark.anyio
 

@@ -41,7 +41,6 @@ from starlette_alchemy import (
     DBSessionMiddleware,
     Retry,
     ScopedSession,
-    is_retryable,
     transaction,
 )
 from starlette_alchemy.retry import MAX_DELAY
@@ -56,28 +55,21 @@ from tests.conftest import (
     engine_for,
 )
 from tests.models import AuditLog, Item, Note
-from tests.support import AnyDB, OuterTimeout, committed_names, http_client, idle_in_transaction, run
+from tests.support import (
+    CONFLICT,
+    AnyDB,
+    OuterTimeout,
+    committed_names,
+    conflict,
+    http_client,
+    idle_in_transaction,
+    run,
+    transient,
+)
 
 pytestmark = pytest.mark.anyio
 
 POSTGRES_BACKENDS = [backend for backend in BACKENDS if backend.dialect == "postgresql"]
-
-# A statement each database refuses with a transient error of its own making.
-CONFLICT = {
-    "postgresql": "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$",
-    "mysql": "BEGIN NOT ATOMIC SIGNAL SQLSTATE '40001' SET MYSQL_ERRNO = 1213, MESSAGE_TEXT = 'conflict'; END",
-    "sqlite": "SELECT * FROM conflict_stand_in",  # no such table: SQLite's error stands in for a conflict
-}
-
-
-def transient(error: BaseException) -> bool:
-    """The tests' ``retry_on``: the drivers' transient errors, and SQLite's stand-in."""
-    return is_retryable(error) or "conflict_stand_in" in str(error)
-
-
-async def conflict(db: AnyDB) -> None:
-    """Run the statement the current scope's database refuses with a transient error."""
-    await run(db.execute, sa.text(CONFLICT[db.get_bind().dialect.name]))
 
 
 def app_with(db: AnyDB | list[AnyDB], endpoint: Callable[..., Any], **options: Any) -> Starlette:

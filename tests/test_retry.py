@@ -15,16 +15,12 @@ from starlette_alchemy import CommitFailedError
 from starlette_alchemy.retry import is_retryable
 from tests.conftest import BACKENDS, Backend, engine_for
 from tests.models import Item
+from tests.support import RAISE
 
 pytestmark = pytest.mark.anyio
 
 POSTGRESQL = [backend for backend in BACKENDS if backend.dialect == "postgresql"]
 MYSQL = [backend for backend in BACKENDS if backend.dialect == "mysql"]
-# How each server raises an error with a given code, as a transaction that conflicted would.
-RAISE = {
-    "postgresql": "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '{code}'; END $$",
-    "mysql": "BEGIN NOT ATOMIC SIGNAL SQLSTATE '{state}' SET MYSQL_ERRNO = {code}, MESSAGE_TEXT = 'conflict'; END",
-}
 # (error code, the SQLSTATE the server gives it, retryable): MySQL's 1205 has no SQLSTATE of its own (HY000).
 CODES: dict[str, list[tuple[str | int, str, bool]]] = {
     "postgresql": [("40001", "", True), ("40P01", "", True), ("23505", "", False), ("57014", "", False)],

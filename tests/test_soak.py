@@ -46,14 +46,15 @@ from tests.support import (
     AnyDB,
     OuterTimeout,
     committed_names,
+    conflict,
     delay_commit,
     idle_in_transaction,
     resolve,
     run,
     serve,
     slow_commits,
+    transient,
 )
-from tests.test_replay import conflict, transient
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
