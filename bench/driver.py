@@ -88,8 +88,11 @@ async def compare(
     return result
 
 
-def databases(directory: Path) -> list[tuple[str, str, str]]:
-    """(label, kind, url) for SQLite in *directory*, and for PostgreSQL when TEST_POSTGRES_URL is set."""
+def databases(directory: Path, only: str = "") -> list[tuple[str, str, str]]:
+    """(label, kind, url) for SQLite in *directory*, and for PostgreSQL when TEST_POSTGRES_URL is set.
+
+    *only*: just those whose label contains it (a benchmark's ``--only``).
+    """
     sqlite = directory / "bench.db"
     found = [
         ("sync sqlite", "sync", f"sqlite+pysqlite:///{sqlite}"),
@@ -102,4 +105,4 @@ def databases(directory: Path) -> list[tuple[str, str, str]]:
             ("sync psycopg", "sync", url.set(drivername="postgresql+psycopg").render_as_string(False)),
             ("async asyncpg", "async", url.set(drivername="postgresql+asyncpg").render_as_string(False)),
         ]
-    return found
+    return [database for database in found if only in database[0]]

@@ -111,9 +111,7 @@ async def main(rounds: int, count: int, only: str) -> int:
     provider.add_span_processor(BatchSpanProcessor(_DropSpans()))
     gc.freeze()
     with tempfile.TemporaryDirectory() as directory:
-        for label, kind, url in databases(Path(directory)):
-            if only not in label:
-                continue
+        for label, kind, url in databases(Path(directory), only):
             recreate(url)
 
             def build(engines: list[Any], kind: str = kind, url: str = url) -> dict[str, ASGIApp]:

@@ -150,9 +150,7 @@ async def main(rounds: int, count: int, only: str) -> int:
     with tempfile.TemporaryDirectory() as directory:
         before = load_baseline(Path(directory))
         gc.freeze()
-        for label, kind, url in databases(Path(directory)):
-            if only not in label:
-                continue
+        for label, kind, url in databases(Path(directory), only):
             recreate(url)
             postgresql = url.startswith("postgresql")
 

@@ -191,9 +191,7 @@ async def main(rounds: int, count: int, only: str) -> int:
     started, missed = time.monotonic(), 0
     with tempfile.TemporaryDirectory() as directory:
         gc.freeze()
-        for label, kind, url in databases(Path(directory)):
-            if only not in label:
-                continue
+        for label, kind, url in databases(Path(directory), only):
             recreate(url)
             times = await in_turns(build_for(kind, url), ["w2"], rounds, count, BODY)
             rows = [target.judge(times["w2"]) for target in TARGETS]

@@ -92,9 +92,7 @@ async def main(rounds: int, count: int, only: str) -> int:
     started, missed = time.monotonic(), 0
     with tempfile.TemporaryDirectory() as directory:
         gc.freeze()
-        for label, kind, url in databases(Path(directory)):
-            if only not in label:
-                continue
+        for label, kind, url in databases(Path(directory), only):
             recreate(url)
             calls = {variant: await calls_per_request(kind, url, variant) for variant in ("replica", "plain")}
             times = await in_turns(build_for(kind, url), ["w1"], rounds, count)

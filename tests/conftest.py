@@ -186,6 +186,9 @@ BACKENDS = SQLITE_BACKENDS + (POSTGRES_BACKENDS if POSTGRES_URL else []) + (MYSQ
 COMMIT_FAILURE_BACKENDS = [backend for backend in BACKENDS if backend.defers_constraints]
 SYNC_BACKENDS = [backend for backend in BACKENDS if backend.kind == "sync"]
 ASYNC_BACKENDS = [backend for backend in BACKENDS if backend.kind == "async"]
+# The backends this run tests on each server, for tests of what only that server does.
+TESTED_POSTGRESQL = [backend for backend in BACKENDS if backend.dialect == "postgresql"]
+TESTED_MYSQL = [backend for backend in BACKENDS if backend.dialect == "mysql"]
 
 
 @pytest.fixture

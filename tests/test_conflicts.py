@@ -31,13 +31,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from starlette_alchemy import AsyncScopedSession, Changes, DBSessionMiddleware, Retry, ScopedSession, transaction
-from tests.conftest import BACKENDS, Backend, checked_out, engine_for
+from tests.conftest import TESTED_MYSQL, TESTED_POSTGRESQL, Backend, checked_out, engine_for
 from tests.support import CONFLICT, AnyDB, http_client, idle_in_transaction
 
 pytestmark = pytest.mark.anyio
 
-POSTGRESQL = [backend for backend in BACKENDS if backend.dialect == "postgresql"]
-MYSQL = [backend for backend in BACKENDS if backend.dialect == "mysql"]
 # The longest any coordination in these tests waits, in seconds: nothing here can hang.
 WAIT = 10.0
 
@@ -158,7 +156,7 @@ DOCTORS = 20
 
 
 @pytest.mark.parametrize("retried", [True, False], ids=["retry", "no-retry"])
-@pytest.mark.parametrize("backend", POSTGRESQL, ids=lambda b: b.id)
+@pytest.mark.parametrize("backend", TESTED_POSTGRESQL, ids=lambda b: b.id)
 async def test_write_skew_under_serializable_is_replayed_until_every_request_succeeds(
     backend: Backend,
     tmp_path: Path,
@@ -280,7 +278,7 @@ async def test_write_skew_under_serializable_is_replayed_until_every_request_suc
 # -- a deadlock -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", POSTGRESQL + MYSQL, ids=lambda b: b.id)
+@pytest.mark.parametrize("backend", TESTED_POSTGRESQL + TESTED_MYSQL, ids=lambda b: b.id)
 async def test_a_deadlock_is_replayed_and_each_write_lands_once(
     backend: Backend,
     engine: Engine | AsyncEngine,
@@ -372,7 +370,7 @@ async def test_a_deadlock_is_replayed_and_each_write_lands_once(
 
 
 @pytest.mark.parametrize("handled", [False, True], ids=["raised", "handled"])
-@pytest.mark.parametrize("backend", POSTGRESQL + MYSQL, ids=lambda b: b.id)
+@pytest.mark.parametrize("backend", TESTED_POSTGRESQL + TESTED_MYSQL, ids=lambda b: b.id)
 async def test_exhausted_attempts_answer_as_without_retry_and_say_so(
     backend: Backend,
     engine: Engine | AsyncEngine,

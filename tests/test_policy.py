@@ -33,7 +33,7 @@ from starlette_alchemy import (
 )
 from starlette_alchemy.policy import IsolationLevel, Policy, route_policy
 from starlette_alchemy.sessions import _ScopeSession
-from tests.conftest import BACKENDS, Backend, checked_out, engine_for
+from tests.conftest import BACKENDS, TESTED_POSTGRESQL, Backend, checked_out, engine_for
 from tests.models import Item
 from tests.support import (
     AnyDB,
@@ -49,7 +49,6 @@ from tests.support import (
 
 pytestmark = pytest.mark.anyio
 
-POSTGRESQL = [backend for backend in BACKENDS if backend.dialect == "postgresql"]
 NOT_POSTGRESQL = [backend for backend in BACKENDS if backend.dialect != "postgresql"]
 
 
@@ -222,7 +221,7 @@ async def test_a_read_only_scope_refuses_orm_writes(db: AnyDB, inspection_engine
 
 
 # Only PostgreSQL begins a read-only transaction; elsewhere the ORM's guard is all there is.
-@pytest.mark.parametrize("backend", POSTGRESQL, ids=lambda b: b.id)
+@pytest.mark.parametrize("backend", TESTED_POSTGRESQL, ids=lambda b: b.id)
 async def test_read_only_is_the_database_s_too_on_postgresql(db: AnyDB, inspection_engine: Engine) -> None:
     with pytest.raises(sa.exc.DBAPIError, match="cannot execute INSERT in a read-only transaction"):
         async with scope(db, read_only=True):
@@ -278,7 +277,7 @@ async def test_isolation_level_and_timeout_do_not_outlive_the_transaction(
     assert answers[1] == answers[3] == [backend_id, default_level, *extra[1]]
 
 
-@pytest.mark.parametrize("backend", POSTGRESQL, ids=lambda b: b.id)
+@pytest.mark.parametrize("backend", TESTED_POSTGRESQL, ids=lambda b: b.id)
 async def test_read_only_alone_does_not_outlive_the_transaction(one_connection: AnyDB) -> None:
     # With psycopg, read_only alone is set on the DBAPI connection at BEGIN, with no execution option,
     # and undone at check-in: the same backend must begin read-write again, hooks included.
@@ -305,7 +304,7 @@ async def test_read_only_alone_does_not_outlive_the_transaction(one_connection: 
     assert begun == ["on", "off", "on", "off"]  # the hooks run inside the transaction as it began
 
 
-@pytest.mark.parametrize("backend", POSTGRESQL, ids=lambda b: b.id)
+@pytest.mark.parametrize("backend", TESTED_POSTGRESQL, ids=lambda b: b.id)
 async def test_a_read_only_request_cancelled_mid_commit_leaves_its_connection_writable(
     backend: Backend, tmp_path: Path, inspection_engine: Engine
 ) -> None:
@@ -357,7 +356,7 @@ async def test_statement_timeout_is_ignored_with_one_warning_where_it_cannot_be_
     ]
 
 
-@pytest.mark.parametrize("backend", POSTGRESQL, ids=lambda b: b.id)
+@pytest.mark.parametrize("backend", TESTED_POSTGRESQL, ids=lambda b: b.id)
 async def test_a_statement_over_the_timeout_fails_with_the_driver_s_error(
     db: AnyDB, engine: Engine | AsyncEngine
 ) -> None:
@@ -553,7 +552,7 @@ async def test_on_begin_does_not_run_for_a_savepoint(db: AnyDB) -> None:
     assert began == ["begin"]
 
 
-@pytest.mark.parametrize("backend", POSTGRESQL, ids=lambda b: b.id)
+@pytest.mark.parametrize("backend", TESTED_POSTGRESQL, ids=lambda b: b.id)
 async def test_on_begin_runs_after_the_route_s_policy(db: AnyDB) -> None:
     seen: list[Any] = []
     db.on_begin(lambda connection, info: seen.append(connection.exec_driver_sql("SHOW statement_timeout").scalar()))
@@ -621,7 +620,7 @@ def test_the_policy_has_the_options_the_readme_documents() -> None:
     ]
 
 
-@pytest.mark.parametrize("backend", POSTGRESQL, ids=lambda b: b.id)
+@pytest.mark.parametrize("backend", TESTED_POSTGRESQL, ids=lambda b: b.id)
 async def test_a_killed_connection_of_a_policy_route_leaves_nothing_behind(
     db: AnyDB, engine: Engine | AsyncEngine, inspection_engine: Engine
 ) -> None:

@@ -46,10 +46,10 @@ from starlette_alchemy import (
 from starlette_alchemy.retry import MAX_DELAY
 from starlette_alchemy.sessions import _ScopeSession
 from tests.conftest import (
-    BACKENDS,
     COMMIT_FAILURE_BACKENDS,
     SQLITE_BACKENDS,
     SYNC_BACKENDS,
+    TESTED_POSTGRESQL,
     Backend,
     checked_out,
     engine_for,
@@ -68,8 +68,6 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.anyio
-
-POSTGRES_BACKENDS = [backend for backend in BACKENDS if backend.dialect == "postgresql"]
 
 
 def app_with(db: AnyDB | list[AnyDB], endpoint: Callable[..., Any], **options: Any) -> Starlette:
@@ -205,7 +203,7 @@ async def test_a_commit_that_fails_is_replayed_and_the_unsent_response_s_work_ne
     assert checked_out(engine) == 0
 
 
-@pytest.mark.parametrize("backend", POSTGRES_BACKENDS, indirect=True, ids=lambda b: b.id)
+@pytest.mark.parametrize("backend", TESTED_POSTGRESQL, indirect=True, ids=lambda b: b.id)
 async def test_a_serialization_failure_at_commit_is_replayed_by_default(
     db: AnyDB, engine: Engine | AsyncEngine, inspection_engine: Engine
 ) -> None:

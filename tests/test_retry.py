@@ -13,14 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from starlette_alchemy import CommitFailedError
 from starlette_alchemy.retry import is_retryable
-from tests.conftest import BACKENDS, Backend, engine_for
+from tests.conftest import TESTED_MYSQL, TESTED_POSTGRESQL, Backend, engine_for
 from tests.models import Item
 from tests.support import RAISE
 
 pytestmark = pytest.mark.anyio
 
-POSTGRESQL = [backend for backend in BACKENDS if backend.dialect == "postgresql"]
-MYSQL = [backend for backend in BACKENDS if backend.dialect == "mysql"]
 # (error code, the SQLSTATE the server gives it, retryable): MySQL's 1205 has no SQLSTATE of its own (HY000).
 CODES: dict[str, list[tuple[str | int, str, bool]]] = {
     "postgresql": [("40001", "", True), ("40P01", "", True), ("23505", "", False), ("57014", "", False)],
@@ -40,7 +38,7 @@ async def raised(engine: Engine | AsyncEngine, statement: str) -> BaseException:
     return caught.value
 
 
-@pytest.mark.parametrize("backend", POSTGRESQL + MYSQL, ids=lambda b: b.id)
+@pytest.mark.parametrize("backend", TESTED_POSTGRESQL + TESTED_MYSQL, ids=lambda b: b.id)
 async def test_the_drivers_errors_are_recognised_by_their_code(backend: Backend, tmp_path: Path) -> None:
     async with engine_for(backend, tmp_path) as engine:
         for code, state, retryable in CODES[backend.dialect]:
@@ -53,7 +51,9 @@ async def test_the_drivers_errors_are_recognised_by_their_code(backend: Backend,
                 assert is_retryable(wrapped) is retryable
 
 
-@pytest.mark.parametrize("backend", [b for b in POSTGRESQL + MYSQL if b.kind == "sync"], ids=lambda b: b.id)
+@pytest.mark.parametrize(
+    "backend", [b for b in TESTED_POSTGRESQL + TESTED_MYSQL if b.kind == "sync"], ids=lambda b: b.id
+)
 async def test_a_real_deadlock_is_retryable(backend: Backend, tmp_path: Path, inspection_engine: Engine) -> None:
     with inspection_engine.begin() as connection:
         connection.execute(sa.insert(Item), [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}])
