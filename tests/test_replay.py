@@ -8,6 +8,7 @@ requests, through uvicorn, are in test_conflicts.py.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -736,3 +737,31 @@ async def test_the_request_s_scope_keeps_no_attempt_once_answered(db: AnyDB, eng
     # The attempt refers to the scope: left in it, each request would wait for the cyclic garbage collector.
     assert [key for key in seen[0] if key.startswith("starlette_alchemy.attempt")] == []
     assert seen[0]["endpoint"] is endpoint  # what the router put there stays, for the middleware outside
+
+
+@pytest.mark.parametrize("backend", TESTED_POSTGRESQL, indirect=True, ids=lambda b: b.id)
+async def test_a_killed_connection_is_not_a_conflict_and_leaves_nothing_behind(
+    db: AnyDB, engine: Engine | AsyncEngine, inspection_engine: Engine
+) -> None:
+    # The backend dies mid-statement (a failover, an admin): an error, but not one a replay should meet again.
+    pids: list[int] = []
+
+    async def doomed(request: Request) -> Response:
+        db.add(Item(name=f"doomed {len(pids)}"))
+        await run(db.flush)
+        pids.append(await run(db.scalar, sa.text("SELECT pg_backend_pid()")))
+        await run(db.execute, sa.text("SELECT pg_sleep(3)"))
+        return PlainTextResponse("never")
+
+    async with http_client(app_with(db, doomed, retry=Retry()), "uvicorn") as client:
+        answer = asyncio.ensure_future(client.post("/"))
+        with anyio.fail_after(5):
+            while not pids:
+                await anyio.sleep(0.01)
+        with inspection_engine.connect() as connection:
+            assert connection.scalar(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pids[0]})
+        assert (await answer).status_code == 500
+    assert len(pids) == 1  # run once
+    assert committed_names(inspection_engine) == set()
+    assert idle_in_transaction(inspection_engine) == 0
+    assert checked_out(engine) == 0
